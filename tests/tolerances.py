@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 ORTHONORMAL = {
-    torch.float64: 1e-12,
+    torch.float64: 1e-11,
     torch.float32: 1e-4,
     torch.bfloat16: 1e-1,
     torch.float16: 2e-2,
