@@ -129,10 +129,22 @@ def cayley_factors(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _cayley(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    left, right = cayley_factors(x, v)
-    p2 = left.shape[-1]
-    system = identity_like(x, p2) - 0.5 * (right.mT @ left)  # I - V^T U / 2: (..., 2p, 2p)
-    return x + left @ torch.linalg.solve(system, right.mT @ x)  # (..., n, 2p) @ (..., 2p, p)
+    # The 2p x 2p system is assembled from p x p blocks (V^T U = [[a, g], [-s, -a^T]] with
+    # a = x^T P v, g = x^T x, s = (P v)^T P v) so the n-long products cost 6 n p^2 in all.
+    # g is computed, not assumed to be I, so that y = Q x holds exactly for the given x.
+    p = x.shape[-1]
+    xtv = x.mT @ v  # (..., p, p)
+    gram = x.mT @ x  # (..., p, p)
+    projected = v - 0.5 * (x @ xtv)  # P v: (..., n, p)
+    a = xtv - 0.5 * (gram @ xtv)  # x^T P v: (..., p, p)
+    s = projected.mT @ projected  # (..., p, p)
+    system = torch.cat(
+        [torch.cat([a, gram], dim=-1), torch.cat([-s, -a.mT], dim=-1)], dim=-2
+    )  # V^T U: (..., 2p, 2p)
+    system = identity_like(x, 2 * p) - 0.5 * system
+    right_side = torch.cat([gram, -a.mT], dim=-2)  # V^T x: (..., 2p, p)
+    solution = torch.linalg.solve(system, right_side)  # (..., 2p, p)
+    return x + projected @ solution[..., :p, :] + x @ solution[..., p:, :]
 
 
 @register_retraction("cayley")
@@ -157,10 +169,11 @@ def retract_cayley(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _cayley_iterative(x: torch.Tensor, v: torch.Tensor, iterations: int = 2) -> torch.Tensor:
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"`iterations` must be an integer >= 1, got {iterations!r}")
-    left, right = cayley_factors(x, v)
+    projected = v - 0.5 * (x @ (x.mT @ v))  # P v: (..., n, p)
 
     def apply_w(z: torch.Tensor) -> torch.Tensor:
-        return left @ (right.mT @ z)  # W z = U (V^T z): (..., n, 2p) @ (..., 2p, p)
+        # W z = P v (x^T z) - x ((P v)^T z): four n x p x p products, no n x n matrix.
+        return projected @ (x.mT @ z) - x @ (projected.mT @ z)
 
     y = x + apply_w(x)
     for _ in range(iterations):
