@@ -56,7 +56,7 @@ def head_kind(model: nn.Module, labels: torch.Tensor | None) -> str:
     Causal LMs are recognised by a class name ending in ``ForCausalLM`` whose ``loss_type``
     is ``"ForCausalLM"``; sequence classifiers by a name ending in ``ForSequenceClassification``,
     with the problem type resolved as in Hugging Face (``config.problem_type``, else regression
-    for one label, single-label for integer labels, multi-label otherwise).
+    for one label, single-label for integer labels or no labels, multi-label otherwise).
     """
     base = _unwrap(model)
     name = type(base).__name__
@@ -69,8 +69,8 @@ def head_kind(model: nn.Module, labels: torch.Tensor | None) -> str:
             return problem
         if getattr(config, "num_labels", 0) == 1:
             return REGRESSION
-        if labels is not None and labels.dtype in (torch.long, torch.int):
-            return SINGLE_LABEL
+        if labels is None or labels.dtype in (torch.long, torch.int):
+            return SINGLE_LABEL  # without labels (sampled Fisher): a categorical head
         if labels is not None:
             return MULTI_LABEL
     return UNKNOWN
