@@ -1,0 +1,66 @@
+"""The built-in offline model and data (``assets``), task data from files (``files``) and
+generative classification for causal LMs (``tasks``)."""
+
+from stiefel_peft.data.assets import (
+    BUILTIN_DATASETS,
+    BUILTIN_MODELS,
+    MissingAssetError,
+    cache_dir,
+    load_dataset,
+    load_model,
+    load_rotten_tomatoes,
+    load_smollm2,
+    smollm2_folder,
+)
+from stiefel_peft.data.files import (
+    load_classification_file,
+    load_prompt_completion_file,
+    read_records,
+)
+from stiefel_peft.data.tasks import (
+    DEFAULT_MAX_LENGTH,
+    IGNORE_INDEX,
+    SENTIMENT_LABEL_NAMES,
+    SENTIMENT_TEMPLATE,
+    Encoded,
+    TaskCollator,
+    classification_accuracy,
+    collate,
+    encode_classification,
+    encode_prompt_completion,
+    label_scores,
+    label_words_for,
+    predict_labels,
+    split_examples,
+    to_prompt_completion,
+)
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "BUILTIN_MODELS",
+    "DEFAULT_MAX_LENGTH",
+    "IGNORE_INDEX",
+    "SENTIMENT_LABEL_NAMES",
+    "SENTIMENT_TEMPLATE",
+    "Encoded",
+    "MissingAssetError",
+    "TaskCollator",
+    "cache_dir",
+    "classification_accuracy",
+    "collate",
+    "encode_classification",
+    "encode_prompt_completion",
+    "label_scores",
+    "label_words_for",
+    "load_classification_file",
+    "load_dataset",
+    "load_model",
+    "load_prompt_completion_file",
+    "load_rotten_tomatoes",
+    "load_smollm2",
+    "predict_labels",
+    "read_records",
+    "smollm2_folder",
+    "split_examples",
+    "to_prompt_completion",
+]
