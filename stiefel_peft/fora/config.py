@@ -1,0 +1,138 @@
+"""FoRAConfig: every choice of a FoRA run, validated once.
+
+Defaults follow the paper (Park et al. 2026, see docs/fora.md): r = 32, alpha = 64 (scaling 2),
+dropout 0.05, adapters on q, k, v, up, down of the top half of the blocks by the per-example
+empirical Fisher, ``lora_B`` kept on the Stiefel manifold with the exact Cayley retraction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from stiefel_peft.fisher import ESTIMATORS
+from stiefel_peft.geometry import RETRACTIONS
+
+__all__ = ["FoRAConfig", "number_of_selected_blocks"]
+
+STIEFEL_FACTORS = ("B", "A")
+
+
+def number_of_selected_blocks(num_blocks: int, budget: float) -> int:
+    """``K = max(1, floor(L * budget))``: how many of ``L`` blocks get an adapter.
+
+    The floor keeps the adapter's parameters at or below ``budget`` times those of LoRA on every
+    block (same r and targets); the ``max`` keeps at least one block. A tiny epsilon absorbs
+    binary rounding (``30 * 0.3 = 8.999...`` still gives 9).
+    """
+    return max(1, math.floor(num_blocks * budget + 1e-9))
+
+
+@dataclass(frozen=True)
+class FoRAConfig:
+    """The settings of :func:`stiefel_peft.apply_fora`.
+
+    Attributes:
+        budget: fraction of blocks adapted, in (0, 1]; ``K = max(1, floor(L * budget))``.
+        r: LoRA rank (columns of ``lora_B``, rows of ``lora_A``).
+        lora_alpha: LoRA scaling numerator; the update is ``(alpha / r) B A``.
+        lora_dropout: dropout on the adapter input.
+        target_modules: module names relative to a block to adapt, e.g. ``("q_proj", "v_proj")``
+            or ``("attention.self.query",)``. A name without a dot matches the last component
+            of a module name; a dotted name must equal the module's path inside the block.
+            None picks the first default scheme the model has (see
+            :data:`stiefel_peft.fora.targets.DEFAULT_TARGET_SCHEMES`).
+        estimator: Fisher estimator used to rank blocks (:data:`stiefel_peft.fisher.ESTIMATORS`).
+        retraction: retraction of the Stiefel step (:data:`stiefel_peft.geometry.RETRACTIONS`).
+        stiefel_factor: ``"B"`` keeps ``lora_B`` (d_out x r) with orthonormal columns, as in the
+            paper's math and code; ``"A"`` keeps ``lora_A`` (r x d_in) with orthonormal rows, the
+            abstract's reading. The other factor starts at zero and is trained with AdamW.
+        calibration_batches: at most this many batches of the calibration data are scored
+            (None: all of them).
+        seed: seeds the orthonormal initialisation and the data-free fallback.
+        lr: learning rate of the Euclidean factor and other trainable parameters (AdamW).
+        stiefel_lr: learning rate of the constrained factor.
+    """
+
+    budget: float = 0.5
+    r: int = 32
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None
+    estimator: str = "empirical"
+    retraction: str = "cayley"
+    stiefel_factor: str = "B"
+    calibration_batches: int | None = 32
+    seed: int = 0
+    lr: float = 2e-4
+    stiefel_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        budget = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise ValueError(
+                f"`budget` must be a fraction of blocks in (0, 1], e.g. 0.5 for half; got {budget!r}"
+            )
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"`r` must be a positive integer rank, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"`lora_alpha` must be positive, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str) or not all(
+                isinstance(name, str) and name for name in self.target_modules
+            ):
+                raise ValueError(
+                    "`target_modules` must be a tuple of module names relative to a block, "
+                    f"e.g. ('q_proj', 'v_proj'); got {self.target_modules!r}"
+                )
+            if not self.target_modules:
+                raise ValueError("`target_modules` is empty; pass None for the default scheme")
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.retraction not in RETRACTIONS:
+            raise ValueError(
+                f"`retraction` must be one of {sorted(RETRACTIONS)}, got {self.retraction!r}"
+            )
+        if self.stiefel_factor not in STIEFEL_FACTORS:
+            raise ValueError(
+                f"`stiefel_factor` must be 'B' (lora_B, orthonormal columns) or 'A' (lora_A, "
+                f"orthonormal rows); got {self.stiefel_factor!r}"
+            )
+        if self.calibration_batches is not None and (
+            not isinstance(self.calibration_batches, int) or self.calibration_batches < 1
+        ):
+            raise ValueError(
+                f"`calibration_batches` must be a positive integer or None, got "
+                f"{self.calibration_batches!r}"
+            )
+        for name in ("lr", "stiefel_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive learning rate, got {value!r}")
+
+    def with_overrides(self, **overrides: Any) -> FoRAConfig:
+        """A copy with some fields replaced; unknown names raise ``ValueError``."""
+        known = {field.name for field in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown FoRAConfig fields {unknown}; known fields: {sorted(known)}")
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        data = asdict(self)
+        if data["target_modules"] is not None:
+            data["target_modules"] = list(data["target_modules"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FoRAConfig:
+        """The inverse of :meth:`to_dict`."""
+        data = dict(data)
+        if data.get("target_modules") is not None:
+            data["target_modules"] = tuple(data["target_modules"])
+        return cls(**data)
