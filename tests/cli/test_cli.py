@@ -1,0 +1,112 @@
+"""The command line end to end on a tiny random model and a tiny CSV, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from stiefel_peft.cli import main
+from stiefel_peft.fora import FoRAReport
+
+
+def _finetune_arguments(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", "--model", str(model), "--data", str(data), "--text-column", "review",
+        "--label-column", "sentiment", "--heldout", "30", "--steps", "40", "--batch-size", "8",
+        "--rank", "4", "--calibration-examples", "16", "--lr", "1e-2", "--stiefel-lr", "1e-2",
+        "--max-length", "24", "--output", str(output), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_finetune_end_to_end_writes_a_loadable_adapter_report_plot_and_config(
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys
+) -> None:
+    output = tmp_path / "run"
+    assert main(_finetune_arguments(tiny_model_folder, tiny_csv, output)) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("accuracy ") and "x LoRA on every block" in summary
+    for name in ("adapter_config.json", "adapter_model.safetensors", "fora_report.json", "fisher_scores.png", "run_config.json"):
+        assert (output / name).is_file(), name
+    report = FoRAReport.load(output)
+    assert len(report.selected_blocks) == 2 and report.num_blocks == 4
+    assert report.extra["heldout_examples"] == 30 and report.extra["steps"] == 40
+    assert report.extra["accuracy_after"] >= 0.8  # the words decide the label
+    assert report.extra["accuracy_after"] > report.extra["accuracy_before"]
+    assert set(report.extra["seconds"]) >= {"load", "score", "train", "total"}
+    config = json.loads((output / "run_config.json").read_text())
+    assert config["budget"] == 0.5 and config["rank"] == 4
+    # peft alone reloads the adapter on a fresh base.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
+    reloaded = peft.PeftModel.from_pretrained(base, output)
+    assert sum(".lora_B." in n for n, _ in reloaded.named_parameters()) == 2 * 5
+
+
+def test_fisher_command_prints_the_table_and_saves_scores(tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "scores"
+    arguments = ["fisher", "--model", str(tiny_model_folder), "--data", str(tiny_csv), "--text-column", "review", "--label-column", "sentiment", "--heldout", "10", "--calibration-examples", "16", "--output", str(output), "--quiet"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("*") == 2  # top half of 4 blocks marked
+    assert (output / "fisher_scores.json").is_file() and (output / "fisher_scores.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budget", "1.5"], "--budget: must be in (0, 1]"),
+        (["--budget", "0"], "--budget: must be in (0, 1]"),
+        (["--rank", "0"], "--rank: must be a positive integer"),
+        (["--steps", "5", "--epochs", "1"], "give --steps or --epochs, not both"),
+        (["--label-column", "stars"], "column 'stars' is missing"),
+        (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--template", "no placeholder"], "--template must contain {text}"),
+    ],
+)
+def test_bad_input_stops_with_one_line_and_exit_code_2_before_loading_the_model(
+    extra: list[str], message: str, tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import stiefel_peft.cli.finetune as finetune
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(finetune, "load_model", must_not_load)
+    arguments = _finetune_arguments(tiny_model_folder, tiny_csv, tmp_path / "out")
+    # Later occurrences of an option win in argparse.
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main([*arguments, *extra]))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error, error
+
+
+def test_missing_files_unknown_models_and_used_outputs_are_usage_errors(tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys) -> None:
+    cases = [
+        (["finetune", "--data", str(tmp_path / "missing.csv")], "does not exist"),
+        (["finetune", "--model", "gpt-17"], "neither a built-in model"),
+        (["finetune", "--data", "imdb"], "neither a built-in data set"),
+    ]
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "file").write_text("x")
+    cases.append((["finetune", "--model", str(tiny_model_folder), "--data", str(tiny_csv), "--output", str(used)], "not empty"))
+    for arguments, message in cases:
+        assert main(arguments) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and message in error, error
+
+
+def test_python_dash_m_and_help_list_every_option_with_defaults() -> None:
+    result = subprocess.run([sys.executable, "-m", "stiefel_peft", "finetune", "--help"], capture_output=True, text=True, check=True)
+    for option in ("--budget", "--rank", "--estimator", "--retraction", "--steps", "--epochs", "--batch-size", "--lr", "--stiefel-lr", "--seed", "--device", "--output", "--model", "--data"):
+        assert option in result.stdout, option
+    assert "default: 0.5" in result.stdout
+    fisher_help = subprocess.run([sys.executable, "-m", "stiefel_peft", "fisher", "--help"], capture_output=True, text=True, check=True)
+    assert "--estimator" in fisher_help.stdout
