@@ -40,7 +40,6 @@ def _trainer(output_dir: Path, max_steps: int) -> transformers.Trainer:
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
-        save_safetensors=True,
     )
     return transformers.Trainer(
         model=model,
