@@ -1,0 +1,184 @@
+"""StiefelAdam: Riemannian Adam on Stiefel parameters, exact AdamW on the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim.adam import adam as torch_adam  # torch.optim deletes its submodule names
+
+from .base import StiefelOptimizer, check_beta, check_number
+from .buckets import FRAME, SCALAR
+from .functional import SECOND_MOMENTS, stiefel_adam_update
+
+__all__ = ["StiefelAdam"]
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim keeps `step` in float32 (float64 when that is the default dtype)
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class StiefelAdam(StiefelOptimizer):
+    r"""Adam on the Stiefel manifold for constrained parameters, AdamW for the others.
+
+    Which parameters are constrained: those in param groups with ``stiefel=True`` (the
+    default) and every ``geoopt.ManifoldParameter`` on :class:`stiefel_peft.geometry.Stiefel`
+    whatever its group says. A tall ``(n, p)`` matrix keeps orthonormal columns, a wide one
+    orthonormal rows (it is handled as its transpose); a ``(..., n, p)`` tensor is a stack of
+    independent frames. Groups with ``stiefel=False`` are stepped by torch's own AdamW code
+    (decoupled weight decay), so they match ``torch.optim.AdamW`` exactly.
+
+    Stiefel step (``docs/optim.md``): Euclidean-metric Riemannian gradient, first moment,
+    second moment (one scalar ``||r||_F^2`` per matrix, or per element with a tangent
+    projection of the preconditioned direction), bias correction, the named retraction,
+    projection transport of the first moment, and one Newton-Schulz drift correction every
+    ``drift_correction_every`` steps. Same-shape frames are stacked and stepped as one batch;
+    half-precision parameters are stepped on a float32 master copy held in the state.
+
+    Args:
+        params: parameters or param groups; a group may override every option below.
+        lr: learning rate. With ``second_moment="matrix"`` it is (about) the Frobenius norm of
+            each matrix's step, as in geoopt and the FoRA / Cayley-Adam papers; with
+            ``"element"`` it is (about) the step of each entry, as in Adam.
+        betas: ``(beta1, beta2)``, each in [0, 1).
+        eps: added to the root of the second moment, >= 0.
+        weight_decay: decoupled decay (AdamW) for Euclidean groups; must be 0 in a Stiefel
+            group (on the manifold ``||x||_F^2 = p`` is constant, so decay has no meaning).
+        retraction: a name in :data:`stiefel_peft.geometry.RETRACTIONS` (default ``"cayley"``).
+        retraction_options: keyword options passed to the retraction (e.g. ``{"steps": 8}``).
+        second_moment: ``"matrix"`` (default) or ``"element"``.
+        stiefel: default for groups that do not say (True).
+        drift_correction_every: steps between two Newton-Schulz corrections (default 100).
+        maximize: ascend instead of descend.
+        foreach: passed to torch's AdamW for Euclidean groups.
+        fused, capturable, differentiable: not supported; True raises ``ValueError``.
+
+    Raises:
+        ValueError: on a bad hyperparameter (named), an unknown group option, a 1-D or
+            non-floating parameter in a Stiefel group, a ManifoldParameter on another manifold,
+            or (at its first step) a Stiefel parameter that is not orthonormal.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        retraction: str = "cayley",
+        *,
+        retraction_options: dict[str, Any] | None = None,
+        second_moment: str = "matrix",
+        stiefel: bool = True,
+        drift_correction_every: int = 100,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "retraction": retraction,
+            "retraction_options": dict(retraction_options or {}),
+            "second_moment": second_moment,
+            "stiefel": stiefel,
+            "drift_correction_every": drift_correction_every,
+            "maximize": maximize,
+            "foreach": foreach,
+            "fused": fused,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "amsgrad": False,
+        }
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_number(group, "eps", 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"`betas` must be a pair (beta1, beta2), got {betas!r}")
+        check_beta(betas[0], "betas[0]")
+        check_beta(betas[1], "betas[1]")
+        if group["second_moment"] not in SECOND_MOMENTS:
+            raise ValueError(
+                f"`second_moment` must be one of {SECOND_MOMENTS}, got {group['second_moment']!r}"
+            )
+        if group["amsgrad"]:
+            raise ValueError("`amsgrad=True` is not supported by StiefelAdam")
+
+    def _state_spec(self, group: dict[str, Any]) -> dict[str, str]:
+        second = SCALAR if group["second_moment"] == "matrix" else FRAME
+        return {"exp_avg": FRAME, "exp_avg_sq": second}
+
+    def _euclidean_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        for param in params:
+            if param.grad.is_sparse:
+                raise RuntimeError("StiefelAdam does not support sparse gradients")
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            grads.append(param.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        torch_adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=group["foreach"],
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            grad_scale=None,
+            found_inf=None,
+            has_complex=any(torch.is_complex(param) for param in params),
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+    def _update_bucket(
+        self,
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        group: dict[str, Any],
+        step: int,
+        correct_drift: bool,
+    ) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        return stiefel_adam_update(
+            x,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            step=step,
+            second_moment=group["second_moment"],
+            retraction=group["retraction"],
+            retraction_options=group["retraction_options"],
+            correct_drift=correct_drift,
+            maximize=group["maximize"],
+        )

@@ -1,0 +1,209 @@
+"""Buckets: same-shape Stiefel parameters stacked so that one batched kernel steps them all.
+
+A bucket holds the parameters of one param group that share the frame shape ``(n, p)`` (after
+transposing wide matrices, so ``n >= p``), the dtype and the device. Its optimizer state lives
+in stacked ``(f, ...)`` tensors (``f`` = total number of frames: a ``(..., n, p)`` parameter
+contributes ``prod(...)`` frames); ``optimizer.state[param]`` holds views into them, so the
+ordinary ``state_dict()`` sees per-parameter tensors and a loaded state is re-stacked lazily.
+
+Layout of the per-parameter views: the *tall* orientation, i.e. ``(..., n, p)`` for a tall
+parameter and ``(..., cols, rows)`` (its transpose) for a wide one; a per-matrix scalar has
+shape ``(..., 1, 1)``. Half-precision parameters keep a float32 ``"master"`` copy of the frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+FRAME = "frame"  # a state tensor shaped like the (oriented) parameter
+SCALAR = "scalar"  # one value per (n, p) frame
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the step math runs in: float32 for half parameters, the dtype otherwise."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def oriented(param: torch.Tensor) -> torch.Tensor:
+    """The tall view of a parameter: itself if ``rows >= cols``, else its transpose ``.mT``."""
+    return param if param.shape[-2] >= param.shape[-1] else param.mT
+
+
+def frame_shape(param: torch.Tensor) -> tuple[int, int]:
+    """``(n, p)`` with ``n >= p`` of a ``(..., rows, cols)`` parameter."""
+    rows, cols = param.shape[-2], param.shape[-1]
+    return (max(rows, cols), min(rows, cols))
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Stacked state of the same-shape Stiefel parameters of one param group."""
+
+    group_index: int
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+    params: list[torch.Tensor]
+    frames: list[int]
+    steps_host: list[int]
+    steps: torch.Tensor
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    master: torch.Tensor | None = None
+
+    @property
+    def working_dtype(self) -> torch.dtype:
+        return working_dtype(self.dtype)
+
+    @property
+    def single_frames(self) -> bool:
+        return all(count == 1 for count in self.frames)
+
+    def offsets(self) -> list[int]:
+        out, total = [], 0
+        for count in self.frames:
+            out.append(total)
+            total += count
+        return out
+
+    def frame_index(self, positions: list[int]) -> torch.Tensor:
+        """Indices (into the stacked frames) of the parameters at ``positions``."""
+        offsets = self.offsets()
+        ranges = [range(offsets[i], offsets[i] + self.frames[i]) for i in positions]
+        return torch.tensor([j for r in ranges for j in r], device=self.device)
+
+    def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        n, p = self.shape
+        if all(t.dim() == 2 for t in tensors):
+            return torch.stack(tensors)  # (k, n, p)
+        return torch.cat([t.reshape(-1, n, p) for t in tensors])  # (f, n, p)
+
+    def stack_params(self, positions: list[int] | None) -> torch.Tensor:
+        """``(f, n, p)`` copy of the (oriented) parameters, in the parameter dtype."""
+        chosen = self.params if positions is None else [self.params[i] for i in positions]
+        return self._stack([oriented(param) for param in chosen])
+
+    def stack_grads(self, positions: list[int] | None) -> torch.Tensor:
+        """``(f, n, p)`` copy of the (oriented) gradients in the working dtype; grads untouched."""
+        chosen = self.params if positions is None else [self.params[i] for i in positions]
+        stacked = self._stack([oriented(param.grad) for param in chosen])
+        return stacked.to(self.working_dtype)
+
+    def points(self, positions: list[int] | None, index: torch.Tensor | None) -> torch.Tensor:
+        """Current frames in the working dtype: the master copy for half parameters."""
+        if self.master is not None:
+            return self.master if index is None else self.master.index_select(0, index)
+        return self.stack_params(positions)
+
+    def write_points(
+        self, positions: list[int] | None, index: torch.Tensor | None, new: torch.Tensor
+    ) -> None:
+        """Store the new ``(f, n, p)`` frames: master copy (if any) and parameters (rounded)."""
+        if self.master is not None:
+            if index is None:
+                self.master.copy_(new)
+            else:
+                self.master.index_copy_(0, index, new)
+        chosen = list(range(len(self.params))) if positions is None else positions
+        targets = [oriented(self.params[i]) for i in chosen]
+        if all(count == 1 for count in (self.frames[i] for i in chosen)):
+            sources = list(new.unbind(0))  # (n, p) views
+        else:
+            counts = [self.frames[i] for i in chosen]
+            sources = [s.view(t.shape) for s, t in zip(new.split(counts), targets, strict=True)]
+        torch._foreach_copy_(targets, sources)
+
+    def gather_state(self, index: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if index is None:
+            return self.state
+        return {name: value.index_select(0, index) for name, value in self.state.items()}
+
+    def scatter_state(self, index: torch.Tensor | None, values: dict[str, torch.Tensor]) -> None:
+        if index is None:
+            return
+        for name, value in values.items():
+            self.state[name].index_copy_(0, index, value)
+
+    def advance(self, positions: list[int] | None) -> None:
+        """Count one step for the parameters at ``positions`` (host ints and state tensors)."""
+        if positions is None:
+            self.steps.add_(1)
+            self.steps_host = [count + 1 for count in self.steps_host]
+            return
+        for i in positions:
+            self.steps_host[i] += 1
+        self.steps[positions] += 1
+
+
+def _tail(kind: str, shape: tuple[int, int]) -> tuple[int, int]:
+    return shape if kind == FRAME else (1, 1)
+
+
+def build_bucket(
+    group_index: int,
+    params: list[torch.Tensor],
+    state: dict[torch.Tensor, dict[str, object]],
+    spec: dict[str, str],
+) -> Bucket:
+    """Stack the per-parameter state of ``params`` (zeros where absent) into a new bucket.
+
+    ``spec`` maps state names to :data:`FRAME` or :data:`SCALAR`. Afterwards
+    ``state[param]`` holds views into the stacked tensors (and ``"step"``, a 0-d view into the
+    bucket's step counts). Reading loaded step counts syncs once per parameter (lazy rebuild).
+
+    Raises:
+        ValueError: if a loaded state tensor does not fit the parameter (for example the state
+            was saved with another ``second_moment``).
+    """
+    first = params[0]
+    shape = frame_shape(first)
+    dtype, device = first.dtype, first.device
+    work = working_dtype(dtype)
+    frames = [math.prod(oriented(param).shape[:-2]) for param in params]
+    names = dict(spec)
+    if dtype in HALF_DTYPES:
+        names["master"] = FRAME
+    stacked: dict[str, torch.Tensor] = {}
+    for name, kind in names.items():
+        pieces = []
+        for param, count in zip(params, frames, strict=True):
+            tail = _tail(kind, shape)
+            saved = state.get(param, {}).get(name)
+            if saved is None:
+                pieces.append(torch.zeros((count, *tail), dtype=work, device=device))
+                continue
+            if not isinstance(saved, torch.Tensor) or saved.numel() != count * math.prod(tail):
+                raise ValueError(
+                    f"optimizer state {name!r} of the parameter of shape {tuple(param.shape)} "
+                    f"has shape {tuple(getattr(saved, 'shape', ()))}, expected "
+                    f"{(*oriented(param).shape[:-2], *tail)}; was it saved with other options "
+                    "(for example another `second_moment`)?"
+                )
+            pieces.append(saved.to(dtype=work, device=device).reshape(count, *tail))
+        stacked[name] = torch.cat(pieces)  # (f, *tail)
+    steps_host = [int(state.get(param, {}).get("step", 0)) for param in params]
+    bucket = Bucket(
+        group_index=group_index,
+        shape=shape,
+        dtype=dtype,
+        device=device,
+        params=list(params),
+        frames=frames,
+        steps_host=steps_host,
+        steps=torch.tensor(steps_host, dtype=torch.float32),
+        master=stacked.pop("master", None),
+    )
+    bucket.state = stacked
+    for i, (param, offset) in enumerate(zip(params, bucket.offsets(), strict=True)):
+        leading = oriented(param).shape[:-2]
+        entry = state.setdefault(param, {})
+        entry.clear()
+        entry["step"] = bucket.steps[i]
+        for name, kind in names.items():
+            source = bucket.master if name == "master" else bucket.state[name]
+            entry[name] = source[offset : offset + frames[i]].view(*leading, *_tail(kind, shape))
+    return bucket
