@@ -107,7 +107,9 @@ def find_blocks(model: nn.Module) -> BlockList:
         )
     best_name, best_module = max(outermost, key=lambda item: len(item[1]))  # first max wins
     first_child = next(iter(best_module.children()))
-    return BlockList(path=best_name, length=len(best_module), block_class=type(first_child).__name__)
+    return BlockList(
+        path=best_name, length=len(best_module), block_class=type(first_child).__name__
+    )
 
 
 def block_index(module_name: str, blocks: BlockList) -> int | None:
@@ -152,7 +154,9 @@ def resolve_modules(
             raise ValueError("the model has no block list; pass modules=[...] explicitly")
         return linear_modules(model, blocks)
     if isinstance(modules, str):
-        raise ValueError(f"modules must be an iterable of module names, not one string: [{modules!r}]")
+        raise ValueError(
+            f"modules must be an iterable of module names, not one string: pass [{modules!r}]"
+        )
     wanted = list(dict.fromkeys(modules))
     if not wanted:
         raise ValueError("modules is empty; pass None for every nn.Linear in the blocks")

@@ -1,7 +1,8 @@
 """``estimate_fisher``: diagonal-Fisher importance of every linear layer of a transformer.
 
 Notation: ``N`` examples (in ``M`` batches), ``loss_n`` example n's own loss (the value of
-``model(**example_n).loss``, see :mod:`stiefel_peft.fisher.losses`), ``L_b = model(**batch_b).loss``,
+``model(**example_n).loss``, see :mod:`stiefel_peft.fisher.losses`),
+``L_b = model(**batch_b).loss``,
 ``theta`` a linear layer's weight and bias. Per module:
 
 - ``"empirical"`` (default): ``(1/N) sum_n ||grad_theta loss_n||^2``, exact, from one batched
@@ -112,7 +113,8 @@ def _forward(model: nn.Module, batch: dict, capture: LinearCapture, accumulator)
         accumulator.start_forward()
     accumulator.batch_size = _batch_size(batch)
     tokens = batch.get("input_ids", batch.get("inputs_embeds"))
-    accumulator.seq_len = int(tokens.shape[1]) if torch.is_tensor(tokens) and tokens.dim() > 1 else 0
+    has_tokens = torch.is_tensor(tokens) and tokens.dim() > 1
+    accumulator.seq_len = int(tokens.shape[1]) if has_tokens else 0
     mask = batch.get("attention_mask")
     accumulator.attention_mask = mask if torch.is_tensor(mask) else None
     return model(**batch)
@@ -233,7 +235,9 @@ def estimate_fisher(
             batch = _prepare_batch(raw_batch, device, needs_labels, extra)
             if estimator in _PER_EXAMPLE:
                 sampling = (num_samples, generator) if estimator == "sampled" else None
-                num_examples += _per_example_batch(model, batch, capture, accumulator, kind, sampling)
+                num_examples += _per_example_batch(
+                    model, batch, capture, accumulator, kind, sampling
+                )
             else:
                 outputs = _forward(model, batch, capture, accumulator)
                 if outputs.loss is None:

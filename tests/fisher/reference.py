@@ -101,7 +101,7 @@ def kfac_trace(model: nn.Module, batches: list[dict]) -> dict[str, float]:
             captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             handles = []
             for name, module in modules.items():
-                def hook(module, args, output, name=name):
+                def hook(module, args, output, name=name, captured=captured):
                     output.retain_grad()
                     captured[name] = (args[0].detach(), output)
                 handles.append(module.register_forward_hook(hook))

@@ -61,7 +61,8 @@ def test_base_layer_scores_equal_under_a_zero_adapter():
     batch = case.make_batch(3, 8, 1)
     bare = estimate_fisher(case.build(dtype=torch.float64), [batch]).per_module
     wrapped_model = peft.get_peft_model(
-        case.build(dtype=torch.float64), peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"])
+        case.build(dtype=torch.float64),
+        peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]),
     )
     wrapped = estimate_fisher(wrapped_model, [batch]).per_module
     for name, score in bare.items():
