@@ -71,3 +71,34 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def peak_bytes(function: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak memory that one call of ``function`` allocates above what was held before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the tensor-allocator
+    timeline of one profiled call (``torch.profiler`` with ``profile_memory=True``), whose
+    running maximum is the peak above the memory held before the call. Python objects and
+    allocator caching are not counted; the same rule applies to every method compared.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        function()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        function()
+    timeline = sorted(
+        (event.time_range.start, event.self_cpu_memory_usage)
+        for event in profiler.events()
+        if event.self_cpu_memory_usage
+    )
+    current = peak = 0
+    for _, delta in timeline:
+        current += delta
+        peak = max(peak, current)
+    return peak
