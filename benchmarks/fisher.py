@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", "--small", action="store_true", help="one shape (4 x 128)")
     parser.add_argument("--real", action="store_true", help="ranking stability on real SmolLM2")
     parser.add_argument("--estimators", nargs="*", default=list(ESTIMATORS))
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed part")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 avoids "
                              "oversubscription on cores shared with other jobs")
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     report = {"command": "python benchmarks/fisher.py " + " ".join(arguments),
               "environment": environment(device), "speed": []}
-    for shape in shape_set(args.quick, device):
+    for shape in [] if args.no_speed else shape_set(args.quick, device):
         result = bench_shape(shape, device, args.estimators)
         print_table(result)
         report["speed"].append(result)
