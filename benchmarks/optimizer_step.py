@@ -5,7 +5,7 @@ machine load hits all of them), median over runs. Shape sets: the SmolLM2-135M F
 (75 factors, always); on CUDA also TinyLlama-1.1B (r = 16) and Llama-3.1-8B (r = 32, 16 blocks).
 Prints a table and writes ``benchmarks/results/optimizer_step.json`` with environment info.
 
-    python benchmarks/optimizer_step.py [--repeats 30] [--steps 10] [--quick]
+    python benchmarks/optimizer_step.py [--repeats 30] [--steps 10] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -109,7 +109,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 repeats of 2 steps (smoke test)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     repeats, steps = (3, 2) if args.quick else (args.repeats, args.steps)
     kinds = ["adamw", "geoopt", *(f"stiefel-{name}" for name in sorted(RETRACTIONS))]
     cases = [("smollm2-135m fora B (75)", smollm2_factors(), torch.device("cpu"))]

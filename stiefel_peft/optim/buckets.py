@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 FRAME = "frame"  # a state tensor shaped like the (oriented) parameter
 SCALAR = "scalar"  # one value per (n, p) frame
 HALF_DTYPES = (torch.float16, torch.bfloat16)

@@ -35,7 +35,9 @@ def riemannian_gradient_bucket(x: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     return torch.baddbmm(grad, x, symmetric_part(gram), alpha=-1.0)
 
 
-def project_bucket(y: torch.Tensor, v: torch.Tensor, y_t_v: torch.Tensor | None = None) -> torch.Tensor:
+def project_bucket(
+    y: torch.Tensor, v: torch.Tensor, y_t_v: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""Projection ``v - y sym(y^T v)`` onto ``T_y``; ``y_t_v = y^T v`` may be passed if known.
 
     Used both as the tangent projection and as the projection vector transport to ``y``.

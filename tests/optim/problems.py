@@ -32,9 +32,11 @@ def train_brockett(optimizer_factory, steps: int, gamma: float, n: int = 20, p: 
     a, top, x0 = brockett(n, p)
     x = torch.nn.Parameter(x0.clone())
     optimizer = optimizer_factory([x])
-    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
+    # (a scheduler needs a torch Optimizer; schedule a wrapper's inner optimizer instead)
+    schedule = None if gamma == 1.0 else torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
     for _ in range(steps):
         x.grad = -2.0 * a @ x.detach()  # gradient of -tr(x^T a x)
         optimizer.step()
-        schedule.step()
+        if schedule is not None:
+            schedule.step()
     return subspace_distance(x.detach(), top)
