@@ -150,26 +150,28 @@ def sample_labels(
 
     Causal LM: at every position whose shifted label is not -100, draw
     ``y ~ softmax(logits_t)`` (row-major order over those positions, one
-    ``torch.multinomial`` call); return a ``(B, T)`` label tensor in the unshifted convention,
+    ``torch.multinomial`` call on float32 probabilities, float64 for float64 logits); return a
+    ``(B, T)`` label tensor in the unshifted convention,
     -100 elsewhere. Single-label classification: ``y_n ~ softmax(logits_n)``, shape ``(B,)``.
 
     Raises:
         ValueError: for any other head kind, or a causal LM without ``labels``.
     """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         if kind == CAUSAL_LM:
             if labels is None:
                 raise ValueError("sampled Fisher on a causal LM needs labels to mark positions")
             shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
             positions = shifted != IGNORE_INDEX
-            probabilities = torch.softmax(logits[positions].to(torch.float64), dim=-1)  # (P, V)
+            probabilities = torch.softmax(logits[positions].to(dtype), dim=-1)  # (P, V)
             sampled = torch.full_like(shifted, IGNORE_INDEX)
             if probabilities.shape[0] > 0:
                 draws = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
                 sampled[positions] = draws
             return F.pad(sampled, (1, 0), value=IGNORE_INDEX)[:, :-1]  # undo the shift
         if kind == SINGLE_LABEL:
-            probabilities = torch.softmax(logits.to(torch.float64), dim=-1)  # (B, C)
+            probabilities = torch.softmax(logits.to(dtype), dim=-1)  # (B, C)
             return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
     raise ValueError(
         f"estimator='sampled' supports causal LMs and single-label classifiers, not {kind!r}"
