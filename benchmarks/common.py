@@ -42,15 +42,22 @@ def time_interleaved(
     device: torch.device | str = "cpu",
     repeats: int = 20,
     warmup: int = 3,
+    before_round: Callable[[int], object] | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin so that machine noise
-    falls on all of them alike."""
+    falls on all of them alike.
+
+    ``before_round(i)`` (optional) runs untimed before round ``i`` of the timed rounds, e.g. to
+    swap in the i-th input set (a new random batch or gradient) shared by every function.
+    """
     for _ in range(warmup):
         for function in functions.values():
             function()
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
+    for round_index in range(repeats):
+        if before_round is not None:
+            before_round(round_index)
         for name, function in functions.items():
             synchronize(device)
             start = time.perf_counter()

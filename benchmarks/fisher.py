@@ -72,8 +72,8 @@ def build(config: dict, dtype: torch.dtype, device: str) -> torch.nn.Module:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def make_batch(vocab: int, batch: int, seq_len: int, device: str) -> dict:
-    generator = torch.Generator().manual_seed(0)
+def make_batch(vocab: int, batch: int, seq_len: int, device: str, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab, (batch, seq_len), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1::2, -seq_len // 4 :] = 0  # a quarter padding on odd rows

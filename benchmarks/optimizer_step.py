@@ -40,6 +40,11 @@ def llama8b_factors() -> list[tuple[int, int]]:
     return [(rows, 32) for _ in range(16) for rows in (4096, 1024, 1024, 14336, 4096)]
 
 
+def optimizer_kinds() -> list[str]:
+    """AdamW, geoopt, then StiefelAdam with each registered retraction (``stiefel-<name>``)."""
+    return ["adamw", "geoopt", *(f"stiefel-{name}" for name in sorted(RETRACTIONS))]
+
+
 def make_parameters(shapes: list[tuple[int, int]], device: torch.device, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     points = [random_stiefel(n, p, generator=generator) for n, p in shapes]
@@ -114,7 +119,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     repeats, steps = (3, 2) if args.quick else (args.repeats, args.steps)
-    kinds = ["adamw", "geoopt", *(f"stiefel-{name}" for name in sorted(RETRACTIONS))]
+    kinds = optimizer_kinds()
     cases = [("smollm2-135m fora B (75)", smollm2_factors(), torch.device("cpu"))]
     if torch.cuda.is_available():
         cuda = torch.device("cuda")

@@ -15,6 +15,7 @@ the lowest adapted block), so the selected blocks are printed and saved.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -36,6 +37,10 @@ SHAPES = {
     "tinyllama-1.1b": dict(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
         num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
+    ),
+    "tiny": dict(  # for smoke runs (benchmarks/gpu_suite.py --small)
+        vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
     ),
     "llama-3.1-8b": dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -78,6 +83,7 @@ def methods(shape: str, dtype: torch.dtype, device: str, batch: dict, which: lis
     adapted = list(fora.fora_report.adapted_modules)
     if "fora" not in which:
         del fora
+        gc.collect()  # peft models hold reference cycles; free the weights before the next
     variants = {
         "lora_same_blocks": dict(target_modules=adapted),
         "lora_all_blocks": dict(target_modules=TARGETS),
