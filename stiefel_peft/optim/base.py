@@ -17,7 +17,7 @@ import torch
 
 from stiefel_peft.geometry import RETRACTIONS, Stiefel, orthogonality_error, orthonormalize
 
-from .buckets import Bucket, build_bucket, frame_shape
+from .buckets import Bucket, build_bucket, frame_shape, is_distributed_tensor
 
 UNSUPPORTED_FLAGS = ("fused", "capturable", "differentiable")
 COMMON_KEYS = (
@@ -162,6 +162,24 @@ class StiefelOptimizer(torch.optim.Optimizer):
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def _check_distributed(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """Reject a DTensor Stiefel parameter: the bucket math here assumes whole frames.
+
+        A shard-aware subclass (:mod:`stiefel_peft.distributed`) overrides this and
+        :meth:`_bucket_key`.
+        """
+        if is_distributed_tensor(param):
+            raise ValueError(
+                f"Stiefel parameter of shape {tuple(param.shape)} is a DTensor (FSDP2 / "
+                f"tensor parallel); {type(self).__name__} steps whole frames only. Use "
+                "stiefel_peft.distributed.ShardedStiefelAdam (fora_optimizer picks it for "
+                "sharded models)"
+            )
+
+    def _bucket_key(self, param: torch.Tensor) -> tuple[Any, ...]:
+        """Parameters with equal keys (in one group) are stacked into one bucket."""
+        return (frame_shape(param), param.dtype, param.device)
+
     # --- groups -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
@@ -182,6 +200,7 @@ class StiefelOptimizer(torch.optim.Optimizer):
             for param in group["params"]:
                 if is_constrained(param, group):
                     check_stiefel_param(param, group)
+                    self._check_distributed(param, group)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -194,7 +213,7 @@ class StiefelOptimizer(torch.optim.Optimizer):
             euclidean = []
             for param in group["params"]:
                 if is_constrained(param, group):
-                    key = (frame_shape(param), param.dtype, param.device)
+                    key = self._bucket_key(param)
                     keyed.setdefault(key, []).append(param)
                 else:
                     euclidean.append(param)

@@ -33,6 +33,26 @@ def oriented(param: torch.Tensor) -> torch.Tensor:
     return param if param.shape[-2] >= param.shape[-1] else param.mT
 
 
+def is_distributed_tensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (imported only when needed)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor  # deferred: optim must not need distributed
+
+    return isinstance(tensor, DTensor)
+
+
+def oriented_local(param: torch.Tensor) -> torch.Tensor:
+    """:func:`oriented`, but of the values this process holds (the local shard of a DTensor).
+
+    The orientation follows the *global* shape: a tall ``(n, p)`` DTensor sharded along ``n``
+    gives its local ``(n_local, p)`` rows even where ``n_local < p``. For a plain tensor this is
+    :func:`oriented`. The view aliases the parameter, so in-place writes reach it.
+    """
+    values = param.to_local() if is_distributed_tensor(param) else param
+    return values if param.shape[-2] >= param.shape[-1] else values.mT
+
+
 def frame_shape(param: torch.Tensor) -> tuple[int, int]:
     """``(n, p)`` with ``n >= p`` of a ``(..., rows, cols)`` parameter."""
     rows, cols = param.shape[-2], param.shape[-1]
@@ -41,7 +61,11 @@ def frame_shape(param: torch.Tensor) -> tuple[int, int]:
 
 @dataclass(eq=False)
 class Bucket:
-    """Stacked state of the same-shape Stiefel parameters of one param group."""
+    """Stacked state of the same-shape Stiefel parameters of one param group.
+
+    ``shape`` is the ``(n, p)`` of the values stacked here: for DTensor parameters (only accepted
+    by a shard-aware subclass, see :mod:`stiefel_peft.distributed`) the local shard's.
+    """
 
     group_index: int
     shape: tuple[int, int]
@@ -84,12 +108,12 @@ class Bucket:
     def stack_params(self, positions: list[int] | None) -> torch.Tensor:
         """``(f, n, p)`` copy of the (oriented) parameters, in the parameter dtype."""
         chosen = self.params if positions is None else [self.params[i] for i in positions]
-        return self._stack([oriented(param) for param in chosen])
+        return self._stack([oriented_local(param) for param in chosen])
 
     def stack_grads(self, positions: list[int] | None) -> torch.Tensor:
         """``(f, n, p)`` copy of the (oriented) gradients in the working dtype; grads untouched."""
         chosen = self.params if positions is None else [self.params[i] for i in positions]
-        stacked = self._stack([oriented(param.grad) for param in chosen])
+        stacked = self._stack([oriented_local(param.grad) for param in chosen])
         return stacked.to(self.working_dtype)
 
     def points(self, positions: list[int] | None, index: torch.Tensor | None) -> torch.Tensor:
@@ -108,7 +132,7 @@ class Bucket:
             else:
                 self.master.index_copy_(0, index, new)
         chosen = list(range(len(self.params))) if positions is None else positions
-        targets = [oriented(self.params[i]) for i in chosen]
+        targets = [oriented_local(self.params[i]) for i in chosen]
         if all(count == 1 for count in (self.frames[i] for i in chosen)):
             sources = list(new.unbind(0))  # (n, p) views
         else:
@@ -159,10 +183,10 @@ def build_bucket(
             was saved with another ``second_moment``).
     """
     first = params[0]
-    shape = frame_shape(first)
+    shape = (oriented_local(first).shape[-2], oriented_local(first).shape[-1])  # local (n, p)
     dtype, device = first.dtype, first.device
     work = working_dtype(dtype)
-    frames = [math.prod(oriented(param).shape[:-2]) for param in params]
+    frames = [math.prod(oriented_local(param).shape[:-2]) for param in params]
     names = dict(spec)
     if dtype in HALF_DTYPES:
         names["master"] = FRAME
@@ -179,8 +203,8 @@ def build_bucket(
                 raise ValueError(
                     f"optimizer state {name!r} of the parameter of shape {tuple(param.shape)} "
                     f"has shape {tuple(getattr(saved, 'shape', ()))}, expected "
-                    f"{(*oriented(param).shape[:-2], *tail)}; was it saved with other options "
-                    "(for example another `second_moment`)?"
+                    f"{(*oriented_local(param).shape[:-2], *tail)}; was it saved with other "
+                    "options (for example another `second_moment`)?"
                 )
             pieces.append(saved.to(dtype=work, device=device).reshape(count, *tail))
         stacked[name] = torch.cat(pieces)  # (f, *tail)
@@ -198,7 +222,7 @@ def build_bucket(
     )
     bucket.state = stacked
     for i, (param, offset) in enumerate(zip(params, bucket.offsets(), strict=True)):
-        leading = oriented(param).shape[:-2]
+        leading = oriented_local(param).shape[:-2]
         entry = state.setdefault(param, {})
         entry.clear()
         entry["step"] = bucket.steps[i]
