@@ -113,6 +113,7 @@ def smollm2_folder() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is read like any folder
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(
             source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
