@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EXAMPLES, LABEL_WORDS, PAD_ID, TEMPLATE, ToyTokenizer
 from peft import LoraConfig, get_peft_model
 
 from stiefel_peft.data.tasks import (
@@ -21,6 +20,7 @@ from stiefel_peft.data.tasks import (
     split_examples,
     to_prompt_completion,
 )
+from tests.data.toy import EXAMPLES, LABEL_WORDS, PAD_ID, TEMPLATE, ToyTokenizer
 
 
 def test_label_words_for_adds_a_leading_space() -> None:
