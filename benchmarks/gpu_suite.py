@@ -5,7 +5,8 @@
     python benchmarks/gpu_suite.py --small          # tiny shapes; runs on CPU in about a minute
 
 Parts (each one's failure is recorded and the others still run; the JSON is rewritten after
-every part, to ``benchmarks/results/gpu_suite.json`` or ``--output``):
+every part, to ``benchmarks/results/gpu_suite.json``, ``gpu_suite_small.json`` with ``--small``,
+or ``--output``):
 
 1. ``optimizer``: one step over the FoRA B-factors (q, k, v, up, down at r = 32 on half the
    blocks) of a TinyLlama-1.1B- and a Llama-3.1-8B-shaped model, fp32: StiefelAdam with each
@@ -50,7 +51,6 @@ from common import RESULTS, environment, markdown_table, peak_bytes, time_interl
 from stiefel_peft.fisher import ESTIMATORS, estimate_fisher  # noqa: E402
 from stiefel_peft.fora import FoRAConfig  # noqa: E402
 
-DEFAULT_OUTPUT = RESULTS / "gpu_suite.json"
 TARGETS = {  # name -> (limit, "<=" or ">=")
     "stiefel/adamw": (1.5, "<="),
     "geoopt/stiefel": (30.0, ">="),
@@ -418,8 +418,15 @@ def main(argv: list[str] | None = None) -> int:
         help="wall-clock budget; optional cases are skipped when it runs out",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: 1 on CPU)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="default: benchmarks/results/gpu_suite[_small].json",
+    )
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = RESULTS / ("gpu_suite_small.json" if args.small else "gpu_suite.json")
     device = torch.device(args.device).type
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device; pass --device cpu --small")
@@ -475,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_json_to(path: Path, payload: dict) -> None:
-    if path == DEFAULT_OUTPUT:
+    if path.parent == RESULTS:
         write_json(path.stem, payload)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
