@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from stiefel_peft.cli.arguments import DEFAULT_LABEL_NAMES, UsageError
@@ -77,12 +76,34 @@ def collator(tokenizer: Any, data: TaskData, arguments: argparse.Namespace) -> T
     return TaskCollator(tokenizer, data.label_words, arguments.template, arguments.max_length)
 
 
+def _length(example: dict[str, Any]) -> int:
+    return len(str(example.get("text", ""))) + len(str(example.get("prompt", ""))) + len(str(example.get("completion", "")))
+
+
+def length_grouped_order(examples: Sequence[dict[str, Any]], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Batches of indices for one epoch: a seeded shuffle, then within windows of 8 batches the
+    examples are sorted by length (less padding: reviews are 36 tokens on average but a random
+    batch pads to ~60), and the batches are shuffled again so lengths do not trend over time."""
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    window = 8 * batch_size
+    groups: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: _length(examples[i]))
+        groups.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    permutation = torch.randperm(len(groups), generator=generator).tolist()
+    return [groups[i] for i in permutation]
+
+
 def batches(examples: Sequence[dict[str, Any]], collate: TaskCollator, batch_size: int, device: torch.device, seed: int, shuffle: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless (shuffled, seeded) HF batches on ``device``."""
+    """Endless HF batches on ``device``: in order, or shuffled and length-grouped (seeded)."""
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
     while True:
-        for batch in loader:
+        if shuffle:
+            groups = length_grouped_order(examples, batch_size, generator)
+        else:
+            groups = [list(range(i, min(i + batch_size, len(examples)))) for i in range(0, len(examples), batch_size)]
+        for indices in groups:
+            batch = collate([examples[i] for i in indices])
             yield {key: value.to(device) for key, value in batch.items()}
 
 

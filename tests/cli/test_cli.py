@@ -111,3 +111,21 @@ def test_python_dash_m_and_help_list_every_option_with_defaults() -> None:
     assert "default: 0.5" in result.stdout
     fisher_help = subprocess.run([sys.executable, "-m", "stiefel_peft", "fisher", "--help"], capture_output=True, text=True, check=True)
     assert "--estimator" in fisher_help.stdout
+
+
+def test_length_grouped_batches_cover_every_example_once_and_cut_padding() -> None:
+    from stiefel_peft.cli.workflow import length_grouped_order
+
+    examples = [{"text": "x" * ((37 * i) % 101)} for i in range(200)]
+    groups = length_grouped_order(examples, 16, torch.Generator().manual_seed(0))
+    assert sorted(i for group in groups for i in group) == list(range(200))
+    assert all(len(group) <= 16 for group in groups)
+    again = length_grouped_order(examples, 16, torch.Generator().manual_seed(0))
+    assert groups == again  # seeded
+
+    def padding(groups: list[list[int]]) -> int:
+        lengths = [[len(examples[i]["text"]) for i in group] for group in groups]
+        return sum(max(ls) * len(ls) - sum(ls) for ls in lengths)
+
+    random_groups = [list(range(i, min(i + 16, 200))) for i in range(0, 200, 16)]
+    assert padding(groups) < 0.5 * padding(random_groups)
