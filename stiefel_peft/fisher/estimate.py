@@ -20,6 +20,10 @@ Notation: ``N`` examples (in ``M`` batches), ``loss_n`` example n's own loss (th
 
 Per-example estimators use one batched backward for causal LMs and sequence classifiers, and
 one forward/backward per example (on the model's own loss) for any other head.
+
+With ``process_group`` (data-parallel calibration) every score above is a ratio of sums over
+examples, batches or tokens; the sums and the counts are all-reduced (SUM) before the ratios
+are taken, so every process gets the scores of the union of all processes' batches.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from stiefel_peft.fisher.blocks import BlockList, find_blocks, resolve_modules
@@ -170,6 +175,7 @@ def estimate_fisher(
     seed: int = 0,
     max_batches: int | None = None,
     progress: bool = False,
+    process_group: dist.ProcessGroup | None = None,
 ) -> FisherScores:
     """Score every linear layer of ``model`` (see the module docstring for the formulas).
 
@@ -186,6 +192,12 @@ def estimate_fisher(
         seed: seed of the ``torch.Generator`` used by ``"sampled"``.
         max_batches: read at most this many batches.
         progress: show a tqdm progress bar.
+        process_group: None (default) scores this process's batches alone. A process group
+            (e.g. ``torch.distributed.group.WORLD``) sums the running sums and the example and
+            batch counts over its processes (one all-reduce each) before the scores are
+            formed: each process passes its own shard of the calibration data and all get the
+            scores of the union (``num_examples`` and ``num_batches`` are then global). Every
+            process of the group must call it; ``max_batches`` applies per process.
 
     Returns:
         :class:`FisherScores`. The model is left as found: parameters, ``requires_grad``,
@@ -248,6 +260,11 @@ def estimate_fisher(
                 num_examples += _batch_size(batch)
             num_batches += 1
             capture.clear()
+    if process_group is not None:
+        accumulator.all_reduce(process_group)
+        num_batches, num_examples = _all_reduce_counts(
+            num_batches, num_examples, device, process_group
+        )
     if num_batches == 0:
         raise ValueError("batches is empty; pass at least one batch")
     count = num_batches if estimator in ("empirical_batch", "taylor") else num_examples
@@ -270,5 +287,17 @@ def estimate_fisher(
         blocks_path=None if blocks is None else blocks.path,
         num_samples=num_samples if estimator == "sampled" else 1,
         seed=seed,
-        metadata={"head": kind},
+        metadata={"head": kind} if process_group is None else {
+            "head": kind, "processes": dist.get_world_size(process_group)
+        },
     )
+
+
+def _all_reduce_counts(
+    num_batches: int, num_examples: int, device: torch.device, process_group: dist.ProcessGroup
+) -> tuple[int, int]:
+    """The batch and example counts summed over ``process_group`` (one all-reduce)."""
+    counts = torch.tensor([num_batches, num_examples], dtype=torch.float64, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)
+    total_batches, total_examples = (int(value) for value in counts.tolist())
+    return total_batches, total_examples

@@ -10,6 +10,7 @@ caller in :mod:`stiefel_peft.fisher.estimate`.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from stiefel_peft.fisher.norms import squared_gradient_norms, token_squared_norms
@@ -57,6 +58,23 @@ class _Accumulator:
         device = module.weight.device
         return torch.zeros((), dtype=_accumulator_dtype(device), device=device)
 
+    def running_sums(self) -> list[torch.Tensor]:
+        """The running sums, in an order fixed by ``modules`` (the same on every process)."""
+        raise NotImplementedError
+
+    def all_reduce(self, process_group: dist.ProcessGroup | None) -> None:
+        """Sum :meth:`running_sums` over the processes of ``process_group``, in place.
+
+        One ``all_reduce(SUM)`` of their concatenation (float64, on the modules' device).
+        Afterwards :meth:`finish` with the global count gives the score of the union of the
+        processes' batches. Every process must call it.
+        """
+        sums = self.running_sums()
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in sums])  # one buffer
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+        for total, piece in zip(sums, flat.split([t.numel() for t in sums]), strict=True):
+            total.copy_(piece.view(total.shape))
+
 
 class PerExampleAccumulator(_Accumulator):
     """``sum_n ||grad_W loss_n||^2 + ||grad_b loss_n||^2`` per module (empirical, sampled).
@@ -75,6 +93,9 @@ class PerExampleAccumulator(_Accumulator):
             self._grouped(x, name), self._grouped(delta, name), bias=bias
         )
         self.sums[name] += (weight + bias_norms).sum().to(self.sums[name].dtype)
+
+    def running_sums(self) -> list[torch.Tensor]:
+        return list(self.sums.values())
 
     def finish(self, count: int) -> dict[str, float]:
         return {name: float(total) / count for name, total in self.sums.items()}
@@ -96,6 +117,9 @@ class BatchSquaredAccumulator(_Accumulator):
         delta_all = delta.reshape(1, -1, delta.shape[-1])  # (1, B*T, d_out)
         weight, bias_norms = squared_gradient_norms(x_all, delta_all, bias=bias)
         self.sums[name] += (weight + bias_norms).sum().to(self.sums[name].dtype)
+
+    def running_sums(self) -> list[torch.Tensor]:
+        return list(self.sums.values())
 
     def finish(self, count: int) -> dict[str, float]:
         return {name: float(total) / count for name, total in self.sums.items()}
@@ -125,6 +149,20 @@ class TaylorAccumulator(_Accumulator):
         if self.modules[name].bias is not None:
             bias_grad = delta_all.sum(dim=0)  # (d_out,)
             self.bias_grads[name] = self.bias_grads.get(name, 0) + bias_grad
+
+    def running_sums(self) -> list[torch.Tensor]:
+        # a process that saw no batch has no sums yet: zeros keep every process's list aligned
+        sums = []
+        for name, module in self.modules.items():
+            dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+            if name not in self.weight_grads:
+                self.weight_grads[name] = module.weight.new_zeros(module.weight.shape, dtype=dtype)
+            sums.append(self.weight_grads[name])
+            if module.bias is not None:
+                if not torch.is_tensor(self.bias_grads.get(name)):
+                    self.bias_grads[name] = module.bias.new_zeros(module.bias.shape, dtype=dtype)
+                sums.append(self.bias_grads[name])
+        return sums
 
     def finish(self, count: int) -> dict[str, float]:
         scores = {}
@@ -180,6 +218,10 @@ class KfacTraceAccumulator(_Accumulator):
             valid = torch.ones_like(input_norms)
         self.input_sums[name] += (input_norms * valid).sum().to(self.input_sums[name].dtype)
         self.token_counts[name] += valid.sum().to(self.token_counts[name].dtype)
+
+    def running_sums(self) -> list[torch.Tensor]:
+        sums = (self.input_sums, self.token_counts, self.gradient_sums)
+        return [total for per_module in sums for total in per_module.values()]
 
     def finish(self, count: int) -> dict[str, float]:
         scores = {}
