@@ -213,6 +213,9 @@ class StiefelOptimizer(torch.optim.Optimizer):
             euclidean = []
             for param in group["params"]:
                 if is_constrained(param, group):
+                    # again here: a wrapper (accelerate's FSDP2 prepare) may have swapped the
+                    # parameters for DTensors after construction
+                    self._check_distributed(param, group)
                     key = self._bucket_key(param)
                     keyed.setdefault(key, []).append(param)
                 else:
