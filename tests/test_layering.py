@@ -1,4 +1,4 @@
-"""Imports flow one way: geometry <- optim <- fisher <- fora <- (data, cli).
+"""Imports flow one way: geometry <- optim <- fisher <- distributed <- fora <- (data, cli).
 
 A module may import from its own layer and from earlier layers only, so the core never
 depends on the frontend.
@@ -10,7 +10,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "stiefel_peft"
-LAYERS = {"geometry": 0, "optim": 1, "fisher": 2, "fora": 3, "data": 4, "cli": 5, "__main__": 6}
+LAYERS = {
+    "geometry": 0, "optim": 1, "fisher": 2, "distributed": 2.5, "fora": 3, "data": 4, "cli": 5,
+    "__main__": 6,
+}  # fmt: skip
 
 
 def _layer(module: str) -> str | None:

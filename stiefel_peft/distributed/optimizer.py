@@ -1,0 +1,228 @@
+"""ShardedStiefelAdam: StiefelAdam on DTensor (FSDP2) factors sharded along their long dimension.
+
+Plain-tensor parameters (and every Euclidean group) are stepped exactly as by
+:class:`~stiefel_peft.optim.StiefelAdam`. A Stiefel parameter that is a
+``torch.distributed.tensor.DTensor`` is stepped on its local rows with
+:func:`~stiefel_peft.distributed.functional.sharded_stiefel_adam_update`: p x p all-reduces over
+the mesh dimensions that shard it, never a gather. See ``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from stiefel_peft.optim import StiefelAdam
+from stiefel_peft.optim.base import orthonormal_tolerance
+from stiefel_peft.optim.buckets import Bucket, frame_shape, oriented_local
+from stiefel_peft.optim.functional import uses_fused_cayley
+
+from .functional import (
+    AllReduce,
+    sharded_orthogonality_error,
+    sharded_orthonormalize,
+    sharded_stiefel_adam_update,
+)
+
+__all__ = ["ShardedStiefelAdam", "frame_all_reduce", "stiefel_shard_placement"]
+
+
+def _long_dimension(param: torch.Tensor) -> int:
+    """Index of the long (``n``) dimension: ``-2`` for a tall parameter, ``-1`` for a wide one."""
+    return param.dim() - 2 if param.shape[-2] >= param.shape[-1] else param.dim() - 1
+
+
+def _shard_mesh_dims(param: DTensor) -> list[int]:
+    """Mesh dimensions that shard ``param`` along its long dimension.
+
+    Raises:
+        ValueError: for any other placement (sharded along the short dimension or a stack
+            dimension, partial sums, strided shards).
+    """
+    long_dim = _long_dimension(param)
+    kind = "wide" if long_dim == param.dim() - 1 else "tall"
+    dims = []
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is Shard and placement.dim % param.dim() == long_dim:
+            dims.append(mesh_dim)
+            continue
+        raise ValueError(
+            f"Stiefel DTensor parameter of shape {tuple(param.shape)} ({kind}) has placements "
+            f"{tuple(param.placements)}; the sharded Stiefel step needs it sharded along its "
+            f"long dimension (Shard({long_dim})) or replicated. For a wide factor such as "
+            "FoRA's lora_A (r x d_in) pass "
+            "`fully_shard(module, shard_placement_fn=stiefel_shard_placement(params))`"
+        )
+    return dims
+
+
+def frame_all_reduce(param: torch.Tensor) -> AllReduce | None:
+    """The in-place SUM over the processes that share ``param``'s frames; None if not a DTensor.
+
+    Sums over the process group of every mesh dimension that shards the long dimension (one
+    after the other on a multi-dimensional mesh); the identity for a replicated DTensor.
+
+    Raises:
+        ValueError: as :func:`_shard_mesh_dims`.
+    """
+    if not isinstance(param, DTensor):
+        return None
+    groups = [param.device_mesh.get_group(mesh_dim) for mesh_dim in _shard_mesh_dims(param)]
+
+    def all_reduce(tensor: torch.Tensor) -> None:
+        for group in groups:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+    return all_reduce
+
+
+def stiefel_shard_placement(
+    parameters: Iterable[torch.Tensor],
+) -> Callable[[nn.Parameter], Shard | None]:
+    """A ``shard_placement_fn`` for ``fully_shard`` that shards Stiefel factors along ``n``.
+
+    Returns ``Shard(last dim)`` for the wide parameters among ``parameters`` (FoRA's
+    ``lora_A`` when ``stiefel_factor="A"``) and None (FSDP's default ``Shard(0)``) for the
+    rest, tall factors included.
+    """
+    wide = {
+        id(param) for param in parameters if param.dim() >= 2 and param.shape[-2] < param.shape[-1]
+    }
+
+    def placement(param: nn.Parameter) -> Shard | None:
+        return Shard(param.dim() - 1) if id(param) in wide else None
+
+    return placement
+
+
+class ShardedStiefelAdam(StiefelAdam):
+    r""":class:`~stiefel_peft.optim.StiefelAdam` that also steps DTensor Stiefel parameters.
+
+    Same arguments, state layout and equations as ``StiefelAdam``. A Stiefel parameter that is
+    a DTensor must be sharded along its long dimension (``Shard(0)`` for a tall ``(n, p)``
+    factor such as FoRA's ``lora_B`` under FSDP2's default placement, ``Shard(1)`` for a wide
+    one, see :func:`stiefel_shard_placement`) or replicated, on any mesh dimensions. Its step
+    runs on the local rows with one all-reduce of p x p products per phase
+    (:mod:`stiefel_peft.distributed.functional`); its optimizer state holds plain tensors of
+    the local rows (a per-matrix second moment is replicated).
+
+    Every process must call ``step()`` with the same parameters having gradients (as FSDP
+    guarantees), since the collectives are issued per bucket.
+
+    Raises:
+        ValueError: as ``StiefelAdam``; for a DTensor Stiefel parameter with another placement
+            (named, with the fix), or in a group whose ``retraction`` is not the package's
+            ``"cayley"`` (the only retraction with a sharded form here).
+    """
+
+    _all_reduce: AllReduce | None = None
+
+    def _check_distributed(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        if not isinstance(param, DTensor):
+            return
+        _shard_mesh_dims(param)
+        _check_retraction(group, param)
+
+    def _bucket_key(self, param: torch.Tensor) -> tuple[Any, ...]:
+        if not isinstance(param, DTensor):
+            return super()._bucket_key(param)
+        local_shape = tuple(oriented_local(param).shape[-2:])
+        return (frame_shape(param), local_shape, param.dtype, param.device,
+                param.device_mesh, tuple(param.placements))  # fmt: skip
+
+    def _step_positions(
+        self, bucket: Bucket, group: dict[str, Any], positions: list[int] | None, step: int
+    ) -> None:
+        first = bucket.params[0]
+        self._all_reduce = frame_all_reduce(first)
+        if self._all_reduce is not None:
+            _check_retraction(group, first)
+            for param in bucket.params:
+                grad = param.grad
+                if grad is not None and tuple(grad.placements) != tuple(param.placements):
+                    raise ValueError(
+                        f"the gradient of the DTensor parameter of shape {tuple(param.shape)} "
+                        f"has placements {tuple(grad.placements)}, the parameter "
+                        f"{tuple(param.placements)}; they must match"
+                    )
+        try:
+            super()._step_positions(bucket, group, positions, step)
+        finally:
+            self._all_reduce = None
+
+    def _first_step(
+        self,
+        bucket: Bucket,
+        group: dict[str, Any],
+        positions: list[int] | None,
+        index: torch.Tensor | None,
+    ) -> None:
+        all_reduce = self._all_reduce
+        if all_reduce is None:
+            super()._first_step(bucket, group, positions, index)
+            return
+        chosen = list(range(len(bucket.params))) if positions is None else positions
+        stacked = bucket.stack_params(positions)  # local rows (f, n_k, p), parameter dtype
+        errors = sharded_orthogonality_error(stacked.to(bucket.working_dtype), all_reduce)
+        tolerance = orthonormal_tolerance(bucket.dtype, bucket.shape[1])
+        per_param = errors.split([bucket.frames[i] for i in chosen])
+        worst = torch.stack([e.max() for e in per_param]).tolist()  # the one sync
+        for i, error in zip(chosen, worst, strict=True):
+            if not error <= tolerance:
+                param = bucket.params[i]
+                raise ValueError(
+                    f"sharded Stiefel parameter of shape {tuple(param.shape)} ({param.dtype}) in "
+                    f"param group {bucket.group_index} is not orthonormal: ||x^T x - I||_F = "
+                    f"{error:.3g} > {tolerance:.3g}. Orthonormalize it before sharding (or "
+                    "before the first step) with stiefel_peft.geometry.orthonormalize"
+                )
+        if bucket.master is not None:
+            exact = sharded_orthonormalize(stacked.to(torch.float32), all_reduce)
+            if index is None:
+                bucket.master.copy_(exact)
+            else:
+                bucket.master.index_copy_(0, index, exact)
+
+    def _update_bucket(
+        self,
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        group: dict[str, Any],
+        step: int,
+        correct_drift: bool,
+    ) -> torch.Tensor:
+        if self._all_reduce is None:
+            return super()._update_bucket(x, grad, state, group, step, correct_drift)
+        beta1, beta2 = group["betas"]
+        return sharded_stiefel_adam_update(
+            x,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            step=step,
+            second_moment=group["second_moment"],
+            correct_drift=correct_drift,
+            maximize=group["maximize"],
+            all_reduce=self._all_reduce,
+        )
+
+
+def _check_retraction(group: dict[str, Any], param: torch.Tensor) -> None:
+    if not uses_fused_cayley(group["retraction"]):
+        raise ValueError(
+            f"DTensor Stiefel parameter of shape {tuple(param.shape)} is in a group with "
+            f"retraction={group['retraction']!r}; the sharded step exists for the package's "
+            "'cayley' only (its coefficients come from p x p products). Use retraction='cayley'"
+        )
