@@ -10,6 +10,7 @@ import peft
 import torch
 from torch import nn
 
+from stiefel_peft.distributed import default_process_group
 from stiefel_peft.fisher import find_blocks
 from stiefel_peft.fora.config import FoRAConfig, number_of_selected_blocks
 from stiefel_peft.fora.report import FoRAReport
@@ -77,6 +78,7 @@ def apply_fora(
     calibration: Iterable[Mapping[str, Any]] | None = None,
     config: FoRAConfig | None = None,
     progress: bool = False,
+    process_group: Any = "auto",
     **overrides: Any,
 ) -> peft.PeftModel:
     """Put FoRA adapters on the most informative blocks of ``model``.
@@ -103,6 +105,12 @@ def apply_fora(
             ``labels``), as for :func:`stiefel_peft.estimate_fisher`.
         config: a :class:`FoRAConfig`; ``**overrides`` replace some of its fields.
         progress: show a progress bar during scoring.
+        process_group: where the Fisher scores are summed before the blocks are ranked.
+            ``"auto"`` (default): the default (WORLD) group when ``torch.distributed`` is
+            initialised with more than one process, so that every data-parallel rank, each
+            with its own calibration shard, selects the same blocks (those of the union of
+            the shards); otherwise no reduction. A ``torch.distributed`` process group: sum
+            over it. None: score this process's batches alone.
 
     Returns:
         The ``peft.PeftModel`` wrapping ``model`` (which is modified in place, as by peft).
@@ -119,6 +127,11 @@ def apply_fora(
             "`model` already carries peft adapters; pass the base model (e.g. "
             "`model.get_base_model()` after `unload()`), not a PeftModel"
         )
+    if isinstance(process_group, str) and process_group != "auto":
+        raise ValueError(
+            f"`process_group` must be 'auto', None or a torch.distributed process group, got "
+            f"{process_group!r}"
+        )
     config = config if config is not None else FoRAConfig()
     if budget is not None:
         overrides["budget"] = budget
@@ -133,8 +146,10 @@ def apply_fora(
     data_free = False
     start = time.perf_counter()
     if count < blocks.length:
+        group = default_process_group() if process_group == "auto" else process_group
         scores, data_free = score_blocks(
-            model, calibration, config.estimator, config.calibration_batches, config.seed, progress
+            model, calibration, config.estimator, config.calibration_batches, config.seed,
+            progress, process_group=group,
         )
         selected = select_top_blocks(scores.per_block, count)
     else:

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from stiefel_peft.distributed import ShardedStiefelAdam, is_sharded
 from stiefel_peft.fora.config import STIEFEL_FACTORS
 from stiefel_peft.optim import StiefelAdam
 
@@ -36,6 +37,7 @@ def fora_optimizer(
     stiefel_factor: str | None = None,
     retraction: str | None = None,
     weight_decay: float = 0.0,
+    sharded: bool | None = None,
     **options: Any,
 ) -> StiefelAdam:
     """One :class:`~stiefel_peft.optim.StiefelAdam` for a model made by ``apply_fora``.
@@ -56,12 +58,23 @@ def fora_optimizer(
         retraction: a registered retraction (default: the model's FoRA config).
         weight_decay: decoupled weight decay of the AdamW group (the Stiefel group has none:
             the constraint fixes the factor's norm).
+        sharded: build a :class:`~stiefel_peft.distributed.ShardedStiefelAdam` (True), a plain
+            ``StiefelAdam`` (False), or decide by whether a constrained factor is already a
+            DTensor (None, default). Pass True when a wrapper shards the model after the
+            optimizer is built (accelerate's FSDP2 plugin).
         **options: passed to ``StiefelAdam`` (``betas``, ``eps``, ``second_moment``, ...).
+
+    Under DDP (``model`` wrapped, e.g. by ``accelerate``) the FoRA config is read from
+    ``model.module``. When a constrained factor is a DTensor (FSDP2 ``fully_shard``) the
+    optimizer is a :class:`~stiefel_peft.distributed.ShardedStiefelAdam`, which steps the
+    factors on their local rows (``docs/distributed.md``).
 
     Raises:
         ValueError: if the model has no constrained factor that requires grad.
     """
     config = getattr(model, "fora_config", None)
+    if config is None and isinstance(getattr(model, "module", None), nn.Module):
+        config = getattr(model.module, "fora_config", None)  # DistributedDataParallel wrapper
     lr = lr if lr is not None else (config.lr if config is not None else 2e-4)
     stiefel_lr = stiefel_lr if stiefel_lr is not None else (config.stiefel_lr if config is not None else 1e-3)
     factor = stiefel_factor or (config.stiefel_factor if config is not None else "B")
@@ -79,4 +92,7 @@ def fora_optimizer(
     ]
     if others:
         groups.append({"params": others, "stiefel": False, "lr": lr, "weight_decay": weight_decay})
-    return StiefelAdam(groups, lr=lr, retraction=retraction, **options)
+    if sharded is None:
+        sharded = any(is_sharded(parameter) for _, parameter in constrained)
+    optimizer_class = ShardedStiefelAdam if sharded else StiefelAdam
+    return optimizer_class(groups, lr=lr, retraction=retraction, **options)

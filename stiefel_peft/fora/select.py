@@ -62,8 +62,13 @@ def score_blocks(
     max_batches: int | None,
     seed: int,
     progress: bool = False,
+    process_group: Any = None,
 ) -> tuple[FisherScores, bool]:
     """Fisher scores for ranking, and whether the data-free fallback produced them.
+
+    ``process_group`` (a ``torch.distributed`` process group, or None) is passed to
+    :func:`~stiefel_peft.fisher.estimate_fisher`: the scores are then those of the union of
+    the processes' calibration batches, identical on every process.
 
     Warns:
         UserWarning: when ``calibration`` is None (the data-free fallback is used).
@@ -77,8 +82,12 @@ def score_blocks(
             stacklevel=3,
         )
         batches = data_free_batches(model, seed)
-        return estimate_fisher(model, batches, "sampled", seed=seed, progress=progress), True
+        scores = estimate_fisher(
+            model, batches, "sampled", seed=seed, progress=progress, process_group=process_group
+        )
+        return scores, True
     scores = estimate_fisher(
-        model, calibration, estimator, seed=seed, max_batches=max_batches, progress=progress
+        model, calibration, estimator, seed=seed, max_batches=max_batches, progress=progress,
+        process_group=process_group,
     )
     return scores, False
