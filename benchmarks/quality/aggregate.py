@@ -1,0 +1,122 @@
+# ruff: noqa: E501  (markdown table rows and the argparse epilog read better unwrapped)
+"""Aggregate quality results: mean and std over seeds per (model, task, method label).
+
+    python benchmarks/quality/aggregate.py benchmarks/quality/results/smollm2_rotten_tomatoes \
+        [more result folders] [--docs docs/results.md | --no-write]
+
+Prints a markdown table and, unless ``--no-write``, puts it into ``docs/results.md`` between
+the markers ``<!-- quality-results:begin -->`` and ``<!-- quality-results:end -->`` (the rest
+of the file is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BEGIN, END = "<!-- quality-results:begin -->", "<!-- quality-results:end -->"
+COLUMNS = ("before", "after", "delta", "effective_rank_mean", "delta_w_fro_total")
+
+
+def read_results(folders: list[Path]) -> list[dict[str, Any]]:
+    """Every result JSON directly in ``folders`` (the ``_cache`` folder is not read)."""
+    return [
+        json.loads(path.read_text())
+        for folder in folders
+        for path in sorted(Path(folder).glob("*.json"))
+    ]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, task, label): seeds, lr, parameters and mean/std of the metrics."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for result in results:
+        groups[(result["model"], result["task"], result["label"])].append(result)
+    rows = []
+    for (model, task, label), members in sorted(groups.items()):
+        row: dict[str, Any] = {
+            "model": model,
+            "task": task,
+            "method": label,
+            "metric": members[0]["metric"],
+            "seeds": sorted(m["seed"] for m in members),
+            "lr": members[0]["lr"],
+            "stiefel_lr": members[0]["stiefel_lr"],
+            "trainable_parameters": members[0]["trainable_parameters"],
+            "steps": members[0]["steps"],
+            "train_seconds": statistics.fmean(m["seconds"]["train"] for m in members),
+        }
+        for column in COLUMNS:
+            row[column] = _mean_std([float(m[column]) for m in members])
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table: metric as mean +- std (over seeds), in points where it is a fraction."""
+    if not rows:
+        return "_No results yet._"
+    lines = [
+        "| model | task | method | seeds | lr (A / B) | trainable params | before | after | delta | eff. rank | ‖ΔW‖_F | train s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+
+        def cell(name: str, scale: float = 1.0, digits: int = 1, row: dict = row) -> str:
+            mean, std = row[name]
+            return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+        lr = f"{row['lr']:g}" + (f" / {row['stiefel_lr']:g}" if row["stiefel_lr"] else "")
+        lines.append(
+            f"| {row['model']} | {row['task']} | {row['method']} | {len(row['seeds'])} | {lr} | "
+            f"{row['trainable_parameters']:,} | {cell('before', 100)} | {cell('after', 100)} | "
+            f"{cell('delta', 100)} | {cell('effective_rank_mean')} | "
+            f"{cell('delta_w_fro_total', digits=3)} | {row['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace what lies between :data:`BEGIN` and :data:`END` in ``path`` with ``text``.
+
+    Raises:
+        ValueError: the file lacks the markers (in that order).
+    """
+    content = path.read_text()
+    start, end = content.find(BEGIN), content.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} needs the lines {BEGIN!r} and {END!r} (in that order)")
+    path.write_text(content[: start + len(BEGIN)] + "\n" + text + "\n" + content[end:])
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("folders", type=Path, nargs="+", help="result folders (results/<config>)")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    arguments = parser.parse_args(argv)
+    table = markdown(summarise(read_results(arguments.folders)))
+    note = (
+        "Metric in points (accuracy or exact match x 100), mean ± std over seeds; "
+        "eff. rank of (alpha/r) B A averaged over adapted layers; ‖ΔW‖_F = sqrt(sum over layers of ‖W′ − W‖_F²)."
+    )
+    text = f"{note}\n\n{table}"
+    print(text)
+    if not arguments.no_write:
+        write_between_markers(arguments.docs, text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

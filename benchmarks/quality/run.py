@@ -1,0 +1,360 @@
+"""Quality runner: fine-tune and evaluate every (model, task, method, lr, seed) of a JSON config.
+
+    python benchmarks/quality/run.py benchmarks/quality/configs/smoke.json --device cpu
+
+One JSON result per run at ``<results>/<config name>/<model>__<task>__<method>__seed<k>.json``
+(``<method>`` carries an ``-lr...`` suffix when the config sweeps that family's learning
+rates). Results already written are skipped (resumable); each file is written to a temporary
+name and renamed (atomic). Per (model, task) the base model's held-out metric and the Fisher
+scores of the calibration set are computed once and cached under ``<results>/<config>/_cache``.
+All methods of a seed get the same data in the same order, the same steps and schedule (the
+CLI's: linear warm-up over 10 % of the steps, then sqrt decay; gradient clipping at 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.quality.methods import METHODS, MethodContext, build_method
+from benchmarks.quality.metrics import update_metrics
+from benchmarks.quality.models import load_base_model
+from benchmarks.quality.tasks import Task, evaluate, load_task
+from stiefel_peft.cli.workflow import batches, calibration_batches, resolve_device
+from stiefel_peft.fisher import FisherScores, estimate_fisher
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULTS: dict[str, Any] = {
+    "seeds": [0],
+    "steps": 100,
+    "batch_size": 16,
+    "calibration_examples": 128,
+    "calibration_batch_size": 8,
+    "r": 32,
+    "alpha": 64.0,
+    "dropout": 0.05,
+    "targets": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+    "max_length": 128,
+    "split_seed": 0,
+    "dtype": "float32",
+    "max_grad_norm": 1.0,
+    "learning_rates": {"adamw": [2e-4], "stiefel": [[2e-4, 1e-3]]},
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: str
+    task: str
+    method: str
+    seed: int
+    lr: float
+    stiefel_lr: float | None
+    label: str  # method name, with an lr suffix when the family's lr is swept
+
+    def filename(self) -> str:
+        task = self.task.replace(":", "-")
+        return f"{self.model}__{task}__{self.label}__seed{self.seed}.json"
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """The config with defaults filled in; ``name`` defaults to the file's stem.
+
+    Raises:
+        ValueError: an unknown key, method, or a learning-rate family without values.
+    """
+    raw = json.loads(Path(path).read_text())
+    known = set(DEFAULTS) | {"name", "models", "tasks", "methods", "description"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}; known keys: {sorted(known)}")
+    config = {**copy.deepcopy(DEFAULTS), **raw}
+    config.setdefault("name", Path(path).stem)
+    for key in ("models", "tasks", "methods"):
+        if not config.get(key):
+            raise ValueError(f"{path}: `{key}` must be a non-empty list")
+    bad = [m for m in config["methods"] if m not in METHODS]
+    if bad:
+        raise ValueError(f"{path}: unknown methods {bad}; known: {list(METHODS)}")
+    for family in {METHODS[m].family for m in config["methods"]}:
+        if not config["learning_rates"].get(family):
+            raise ValueError(f"{path}: learning_rates[{family!r}] needs at least one value")
+    return config
+
+
+def plan(config: dict[str, Any]) -> list[RunSpec]:
+    """Every run of the config, grouped by model then task (each loaded once)."""
+    runs = []
+    for model in config["models"]:
+        for task in config["tasks"]:
+            for seed in config["seeds"]:
+                for method in config["methods"]:
+                    family = METHODS[method].family
+                    values = config["learning_rates"][family]
+                    for value in values:
+                        lr, stiefel_lr = (
+                            (value[0], value[1]) if family == "stiefel" else (value, None)
+                        )
+                        label = method
+                        if len(values) > 1:
+                            label += f"-lr{lr:g}" + (f"-slr{stiefel_lr:g}" if stiefel_lr else "")
+                        runs.append(
+                            RunSpec(
+                                model["name"],
+                                task["name"],
+                                method,
+                                int(seed),
+                                float(lr),
+                                stiefel_lr,
+                                label,
+                            )
+                        )
+    return runs
+
+
+def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(json.dumps(payload, indent=2, default=str) + "\n")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The CLI's schedule (stiefel_peft/cli/finetune.py): warm-up 10 %, then sqrt decay."""
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (steps - step) / steps) ** 0.5,
+    )
+
+
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stream: Any,
+    steps: int,
+    max_grad_norm: float,
+    progress: bool,
+) -> list[float]:
+    """``steps`` optimizer steps on batches from ``stream``; returns the losses."""
+    scheduler = schedule(optimizer, steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), disable=not progress, desc="training", unit="step", leave=False):
+        batch = next(stream)
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+class Group:
+    """The shared state of one (model, task): base model, task data, baseline, Fisher scores."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        model_entry: dict,
+        task_entry: dict,
+        device: torch.device,
+        cache: Path,
+        progress: bool,
+    ) -> None:
+        dtype = getattr(torch, config["dtype"])
+        self.base, self.tokenizer = load_base_model(model_entry, device, dtype)
+        self.task: Task = load_task(
+            task_entry, self.tokenizer, config["split_seed"], config["max_length"]
+        )
+        self.collate = self.task.collator(self.tokenizer)
+        self.device = device
+        key = f"{model_entry['name']}__{task_entry['name'].replace(':', '-')}"
+        baseline_path = cache / f"baseline__{key}.json"
+        if baseline_path.is_file():
+            self.baseline = json.loads(baseline_path.read_text())
+        else:
+            start = time.perf_counter()
+            self.baseline = {
+                **evaluate(self.base, self.tokenizer, self.task),
+                "seconds": time.perf_counter() - start,
+            }
+            write_atomic(baseline_path, self.baseline)
+        arguments = SimpleNamespace(
+            calibration_examples=config["calibration_examples"], seed=config["split_seed"]
+        )
+        self.calibration = calibration_batches(
+            SimpleNamespace(train=self.task.train),
+            self.collate,
+            arguments,
+            device,
+            config["calibration_batch_size"],
+        )
+        fisher_path = cache / f"fisher__{key}.json"
+        if fisher_path.is_file():
+            self.fisher = FisherScores.load(fisher_path)
+        else:
+            self.fisher = estimate_fisher(
+                self.base, self.calibration, "empirical", progress=progress
+            )
+            fisher_path.parent.mkdir(parents=True, exist_ok=True)
+            self.fisher.save(fisher_path)
+
+
+def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Adapt a copy of the base model with ``spec.method``, train, evaluate; the result record."""
+    started = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    context = MethodContext(
+        calibration=group.calibration,
+        fisher=group.fisher,
+        seed=spec.seed,
+        lr=spec.lr,
+        stiefel_lr=spec.stiefel_lr,
+        r=int(config["r"]),
+        alpha=float(config["alpha"]),
+        dropout=float(config["dropout"]),
+        targets=tuple(config["targets"]) if config["targets"] else None,
+    )
+    model, optimizer, info = build_method(spec.method, copy.deepcopy(group.base), context)
+    built = time.perf_counter()
+    stream = batches(
+        group.task.train, group.collate, config["batch_size"], group.device, spec.seed, shuffle=True
+    )
+    torch.manual_seed(spec.seed)  # dropout
+    losses = train(
+        model, optimizer, stream, int(config["steps"]), float(config["max_grad_norm"]), progress
+    )
+    trained = time.perf_counter()
+    after = evaluate(model, group.tokenizer, group.task)
+    evaluated = time.perf_counter()
+    update = update_metrics(model)
+    metric = group.task.metric
+    return {
+        "config": config["name"],
+        "model": spec.model,
+        "task": spec.task,
+        "method": spec.method,
+        "label": spec.label,
+        "seed": spec.seed,
+        "family": info.pop("family"),
+        "lr": spec.lr,
+        "stiefel_lr": spec.stiefel_lr,
+        "metric": metric,
+        "before": group.baseline[metric],
+        "after": after[metric],
+        "delta": after[metric] - group.baseline[metric],
+        "before_all": {k: v for k, v in group.baseline.items() if k != "seconds"},
+        "after_all": after,
+        "trainable_parameters": info.pop("trainable_parameters"),
+        "selected_blocks": info.pop("selected_blocks"),
+        "num_blocks": len(group.fisher.per_block),
+        "effective_rank_mean": update["effective_rank_mean"],
+        "effective_rank_max_possible": update["effective_rank_max_possible"],
+        "delta_w_fro_total": update["delta_w_fro_total"],
+        "delta_w_fro_mean": update["delta_w_fro_mean"],
+        "adapted_layers": update["adapted_layers"],
+        "steps": int(config["steps"]),
+        "batch_size": config["batch_size"],
+        "train_examples": len(group.task.train),
+        "heldout_examples": len(group.task.heldout),
+        "first_losses": losses[:5],
+        "last_losses": losses[-5:],
+        "seconds": {
+            "build": built - started,
+            "train": trained - built,
+            "evaluate": evaluated - trained,
+            "total": time.perf_counter() - started,
+        },
+        "device": str(group.device),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "method_info": info,
+        "per_layer": update["per_layer"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "config", type=Path, help="a JSON config (benchmarks/quality/configs/*.json)"
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results root folder")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated subset of the config's methods"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and what is done")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    arguments = parser.parse_args(argv)
+    config = load_config(arguments.config)
+    if arguments.methods:
+        config["methods"] = [m for m in config["methods"] if m in arguments.methods.split(",")]
+    output = arguments.results / config["name"]
+    runs = plan(config)
+    done = {run for run in runs if (output / run.filename()).is_file()}
+    if arguments.dry_run:
+        for run in runs:
+            print(("done " if run in done else "todo ") + run.filename())
+        return {"trained": 0, "skipped": len(done), "total": len(runs)}
+    device = resolve_device(arguments.device)
+    progress = not arguments.quiet
+    counts = {"trained": 0, "skipped": 0, "total": len(runs)}
+    bar = tqdm(total=len(runs), disable=not progress, desc=config["name"], unit="run")
+    groups: dict[tuple[str, str], Group] = {}
+    models = {m["name"]: m for m in config["models"]}
+    tasks = {t["name"]: t for t in config["tasks"]}
+    for run in runs:
+        path = output / run.filename()
+        if run in done or path.is_file():
+            counts["skipped"] += 1
+            bar.update(1)
+            continue
+        key = (run.model, run.task)
+        if key not in groups:
+            groups.clear()  # one base model in memory at a time
+            groups[key] = Group(
+                config, models[run.model], tasks[run.task], device, output / "_cache", progress
+            )
+        bar.set_postfix_str(run.filename().removesuffix(".json"))
+        write_atomic(path, run_one(run, groups[key], config, progress))
+        counts["trained"] += 1
+        bar.update(1)
+    bar.close()
+    print(
+        f"{config['name']}: {counts['trained']} trained, {counts['skipped']} already done, "
+        f"{counts['total']} runs; results in {output}"
+    )
+    return counts
+
+
+if __name__ == "__main__":
+    main()
