@@ -17,7 +17,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, time_interleaved, write_json  # noqa: E402
 
-from stiefel_peft.geometry import RETRACTIONS, orthogonality_error, project_tangent, random_stiefel, retract  # noqa: E402
+from stiefel_peft.geometry import (
+    RETRACTIONS,
+    orthogonality_error,
+    project_tangent,
+    random_stiefel,
+    retract,
+)  # noqa: E402
 
 SHAPE_SETS = {
     "TinyLlama-1.1B r=16 (q/k/v/o/gate-like)": (66, 2048, 16),
@@ -35,10 +41,14 @@ def run(device: str, repeats: int, step: float) -> list[dict[str, object]]:
         # Points are drawn in float64 so the fp64 column measures the retraction, not the
         # rounding of an fp32 starting point.
         x64 = random_stiefel(*shape, dtype=torch.float64, device=device, generator=generator)
-        v64 = project_tangent(x64, torch.randn(shape, dtype=torch.float64, device=device, generator=generator))
+        v64 = project_tangent(
+            x64, torch.randn(shape, dtype=torch.float64, device=device, generator=generator)
+        )
         v64 = step * v64 / v64.norm(dim=(-2, -1), keepdim=True)
         x, v = x64.float(), v64.float()
-        functions = {name: (lambda name=name: retract(x, v, name)) for name in RETRACTIONS}
+        functions = {
+            name: (lambda name=name, x=x, v=v: retract(x, v, name)) for name in RETRACTIONS
+        }
         seconds = time_interleaved(functions, device=device, repeats=repeats)
         for name in RETRACTIONS:
             rows.append(
@@ -48,17 +58,28 @@ def run(device: str, repeats: int, step: float) -> list[dict[str, object]]:
                     "device": device,
                     "retraction": name,
                     "ms": 1e3 * seconds[name],
-                    "orthogonality_error_fp32": orthogonality_error(retract(x, v, name)).max().item(),
-                    "orthogonality_error_fp64": orthogonality_error(retract(x64, v64, name)).max().item(),
+                    "orthogonality_error_fp32": orthogonality_error(retract(x, v, name))
+                    .max()
+                    .item(),
+                    "orthogonality_error_fp64": orthogonality_error(retract(x64, v64, name))
+                    .max()
+                    .item(),
                 }
             )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="5 repeats instead of 20")
-    parser.add_argument("--step", type=float, default=1e-2, help="Frobenius norm of each tangent step (default 1e-2)")
+    parser.add_argument(
+        "--step",
+        type=float,
+        default=1e-2,
+        help="Frobenius norm of each tangent step (default 1e-2)",
+    )
     arguments = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     repeats = 5 if arguments.quick else 20
@@ -78,7 +99,10 @@ def main() -> None:
         ],
     )
     print(table)
-    path = write_json("retractions", {"environment": environment(devices[-1]), "step_norm": arguments.step, "rows": rows})
+    path = write_json(
+        "retractions",
+        {"environment": environment(devices[-1]), "step_norm": arguments.step, "rows": rows},
+    )
     print(f"\nwrote {path}")
 
 

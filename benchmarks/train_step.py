@@ -58,10 +58,16 @@ def build(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     return model.train()
 
 
-def make_batch(vocab: int, batch: int, length: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(
+    vocab: int, batch: int, length: int, device: str, seed: int = 0
+) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(vocab, (batch, length), generator=generator)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": ids.to(device),
+    }
 
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict):
@@ -73,9 +79,16 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: d
     return step
 
 
-def methods(shape: str, dtype: torch.dtype, device: str, batch: dict, which: list[str]) -> tuple[dict, dict]:
+def methods(
+    shape: str, dtype: torch.dtype, device: str, batch: dict, which: list[str]
+) -> tuple[dict, dict]:
     steps, info = {}, {}
-    fora = apply_fora(build(shape, dtype, device), 0.5, calibration=[make_batch(SHAPES[shape]["vocab_size"], 2, 64, device, seed=1)], lora_dropout=0.0)
+    fora = apply_fora(
+        build(shape, dtype, device),
+        0.5,
+        calibration=[make_batch(SHAPES[shape]["vocab_size"], 2, 64, device, seed=1)],
+        lora_dropout=0.0,
+    )
     info["selected_blocks"] = fora.fora_report.selected_blocks
     info["adapter_parameters"] = fora.fora_report.adapter_parameters
     if "fora" in which:
@@ -92,13 +105,26 @@ def methods(shape: str, dtype: torch.dtype, device: str, batch: dict, which: lis
     for name, options in variants.items():
         if name not in which:
             continue
-        model = peft.get_peft_model(build(shape, dtype, device), peft.LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, **options))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, foreach=True)
+        model = peft.get_peft_model(
+            build(shape, dtype, device),
+            peft.LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, **options),
+        )
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=2e-4, foreach=True
+        )
         steps[name] = make_step(model, optimizer, batch)
     return steps, info
 
 
-def run(shape: str, dtype: torch.dtype, device: str, batch_size: int, length: int, repeats: int, which: list[str]) -> dict:
+def run(
+    shape: str,
+    dtype: torch.dtype,
+    device: str,
+    batch_size: int,
+    length: int,
+    repeats: int,
+    which: list[str],
+) -> dict:
     batch = make_batch(SHAPES[shape]["vocab_size"], batch_size, length, device)
     steps, info = methods(shape, dtype, device, batch, which)
     seconds = time_interleaved(steps, device=device, repeats=repeats, warmup=2)
@@ -110,35 +136,73 @@ def run(shape: str, dtype: torch.dtype, device: str, batch_size: int, length: in
             if other in rows:
                 ratios[f"fora/{other}"] = rows["fora"]["ms"] / rows[other]["ms"]
                 ratios[f"fora/{other} memory"] = rows["fora"]["peak_gib"] / rows[other]["peak_gib"]
-    return {"shape": shape, "dtype": str(dtype), "device": device, "batch": [batch_size, length], "rows": rows, "ratios": ratios, **info}
+    return {
+        "shape": shape,
+        "dtype": str(dtype),
+        "device": device,
+        "batch": [batch_size, length],
+        "rows": rows,
+        "ratios": ratios,
+        **info,
+    }
 
 
 def print_result(result: dict) -> None:
-    print(f"\n{result['shape']} {result['dtype']} on {result['device']}, batch {result['batch'][0]} x {result['batch'][1]}; FoRA blocks {result['selected_blocks']}")
-    print(markdown_table(["method", "ms / step", "peak GiB"], [[n, f"{r['ms']:.1f}", f"{r['peak_gib']:.3f}"] for n, r in result["rows"].items()]))
+    print(
+        f"\n{result['shape']} {result['dtype']} on {result['device']}, batch {result['batch'][0]} x {result['batch'][1]}; FoRA blocks {result['selected_blocks']}"
+    )
+    print(
+        markdown_table(
+            ["method", "ms / step", "peak GiB"],
+            [[n, f"{r['ms']:.1f}", f"{r['peak_gib']:.3f}"] for n, r in result["rows"].items()],
+        )
+    )
     for name, value in result["ratios"].items():
         print(f"  {name}: {value:.3f}x")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="batch 2 x 64 on CPU and 3 repeats")
-    parser.add_argument("--cuda", action="store_true", help="run the CUDA shapes (TinyLlama-1.1B, Llama-3.1-8B) in bf16")
-    parser.add_argument("--methods", default="fora,lora_same_blocks,lora_all_blocks,dora_all_blocks")
+    parser.add_argument(
+        "--cuda",
+        action="store_true",
+        help="run the CUDA shapes (TinyLlama-1.1B, Llama-3.1-8B) in bf16",
+    )
+    parser.add_argument(
+        "--methods", default="fora,lora_same_blocks,lora_all_blocks,dora_all_blocks"
+    )
     arguments = parser.parse_args(argv)
     which = arguments.methods.split(",")
     results = []
     if arguments.cuda:
         for shape in ("tinyllama-1.1b", "llama-3.1-8b"):
-            results.append(run(shape, torch.bfloat16, "cuda", 8, 512, 3 if arguments.quick else 10, which))
+            results.append(
+                run(shape, torch.bfloat16, "cuda", 8, 512, 3 if arguments.quick else 10, which)
+            )
             print_result(results[-1])
             torch.cuda.empty_cache()
     else:
         batch, length = (2, 64) if arguments.quick else (4, 128)
-        results.append(run("smollm2-135m", torch.float32, "cpu", batch, length, 3 if arguments.quick else 6, which))
+        results.append(
+            run(
+                "smollm2-135m",
+                torch.float32,
+                "cpu",
+                batch,
+                length,
+                3 if arguments.quick else 6,
+                which,
+            )
+        )
         print_result(results[-1])
     device = "cuda" if arguments.cuda else "cpu"
-    path = write_json("train_step_cuda" if arguments.cuda else "train_step", {"environment": environment(device), "results": results})
+    path = write_json(
+        "train_step_cuda" if arguments.cuda else "train_step",
+        {"environment": environment(device), "results": results},
+    )
     print(f"\nwrote {path}")
     return {"results": results}
 

@@ -42,7 +42,13 @@ def tiny_setup() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], int]:
 
 
 def smollm2_setup() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], int]:
-    from stiefel_peft.data import TaskCollator, label_words_for, load_rotten_tomatoes, load_smollm2, split_examples
+    from stiefel_peft.data import (
+        TaskCollator,
+        label_words_for,
+        load_rotten_tomatoes,
+        load_smollm2,
+        split_examples,
+    )
 
     model, tokenizer = load_smollm2()
     train, _ = split_examples(load_rotten_tomatoes(), heldout=300, seed=0)
@@ -68,9 +74,13 @@ def pad_collator(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--fast", action="store_true", help="tiny random model and synthetic data")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 30 fast, 24 real)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default: 30 fast, 24 real)"
+    )
     arguments = parser.parse_args()
     model, rows, rank = tiny_setup() if arguments.fast else smollm2_setup()
     calibration = [pad_collator(rows[i : i + 8]) for i in range(0, 32, 8)]
@@ -91,7 +101,9 @@ def main() -> None:
         )  # fmt: skip
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        worst = max(orthogonality_error(p.detach()).item() for _, p in constrained_parameters(model))
+        worst = max(
+            orthogonality_error(p.detach()).item() for _, p in constrained_parameters(model)
+        )
         print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; largest ||B^T B - I|| = {worst:.1e}")
 
         model.save_pretrained(output)

@@ -32,7 +32,11 @@ def _imports(path: Path) -> list[str]:
             found.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[: -node.level] if path.name != "__init__.py" else package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = (
+                    package.split(".")[: -node.level]
+                    if path.name != "__init__.py"
+                    else package.split(".")[: len(package.split(".")) - node.level + 1]
+                )
                 module = ".".join([*base, node.module] if node.module else base)
             else:
                 module = node.module or ""
@@ -56,6 +60,10 @@ def test_core_modules_never_import_later_layers() -> None:
 
 
 def test_every_subpackage_has_a_layer() -> None:
-    names = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if not p.name.startswith("_") or p.name == "__main__.py"}
+    names = {
+        p.name.removesuffix(".py")
+        for p in PACKAGE.iterdir()
+        if not p.name.startswith("_") or p.name == "__main__.py"
+    }
     names = {n for n in names if n not in {"__pycache__"}}
     assert names <= set(LAYERS), f"add {names - set(LAYERS)} to LAYERS in tests/test_layering.py"

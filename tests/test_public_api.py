@@ -34,6 +34,10 @@ def test_all_is_pinned_and_resolves() -> None:
 
 
 def test_importing_the_optimizer_does_not_import_the_frontend() -> None:
-    code = "import sys, stiefel_peft; print('peft' in sys.modules, 'stiefel_peft.fora' in sys.modules)"
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = (
+        "import sys, stiefel_peft; print('peft' in sys.modules, 'stiefel_peft.fora' in sys.modules)"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert output.stdout.split() == ["False", "False"]

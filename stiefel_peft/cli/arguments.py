@@ -62,40 +62,84 @@ def _positive_float(text: str) -> float:
 def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and data")
     group.add_argument(
-        "--model", default=DEFAULT_MODEL,
+        "--model",
+        default=DEFAULT_MODEL,
         help=f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) or a local Hugging Face "
         "folder of a causal LM (default: %(default)s)",
     )
     group.add_argument(
-        "--data", default=DEFAULT_DATA,
+        "--data",
+        default=DEFAULT_DATA,
         help=f"a built-in data set ({', '.join(sorted(BUILTIN_DATASETS))}) or a .csv/.jsonl file "
         "with text and label columns, or prompt and completion columns (default: %(default)s)",
     )
-    group.add_argument("--text-column", default="text", help="text column of a file (default: %(default)s)")
-    group.add_argument("--label-column", default="label", help="label column of a file (default: %(default)s)")
     group.add_argument(
-        "--label-names", default=None,
+        "--text-column", default="text", help="text column of a file (default: %(default)s)"
+    )
+    group.add_argument(
+        "--label-column", default="label", help="label column of a file (default: %(default)s)"
+    )
+    group.add_argument(
+        "--label-names",
+        default=None,
         help="comma-separated label names, in label-index order; the model answers with these "
         f"words (default: {DEFAULT_LABEL_NAMES} for the built-in data, else the sorted distinct "
         "labels of the file)",
     )
     group.add_argument(
-        "--prompt-column", default=None,
+        "--prompt-column",
+        default=None,
         help="use prompt/completion pairs: the prompt column (with --completion-column)",
     )
-    group.add_argument("--completion-column", default="completion", help="completion column (default: %(default)s)")
     group.add_argument(
-        "--template", default="Review: {text}\nSentiment (positive or negative):",
+        "--completion-column", default="completion", help="completion column (default: %(default)s)"
+    )
+    group.add_argument(
+        "--template",
+        default="Review: {text}\nSentiment (positive or negative):",
         help="prompt template for text/label data; {text} is replaced (default: %(default)r)",
     )
-    group.add_argument("--max-length", type=_positive_int, default=96, help="tokens per example, the review text is truncated (default: %(default)s)")
-    group.add_argument("--heldout", type=_non_negative_int, default=300, help="held-out examples for the accuracy before and after (default: %(default)s)")
-    group.add_argument("--calibration-examples", type=_positive_int, default=64, help="training examples scored by the Fisher pass (default: %(default)s)")
-    group.add_argument("--estimator", choices=ESTIMATORS, default="empirical", help="Fisher estimator (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the data order (default: %(default)s)")
-    group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
-    group.add_argument("--output", default=None, help="output directory (default: runs/<command>-<date>-<time>)")
-    group.add_argument("--no-plot", action="store_true", help="do not write the PNG plot of the block scores")
+    group.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=96,
+        help="tokens per example, the review text is truncated (default: %(default)s)",
+    )
+    group.add_argument(
+        "--heldout",
+        type=_non_negative_int,
+        default=300,
+        help="held-out examples for the accuracy before and after (default: %(default)s)",
+    )
+    group.add_argument(
+        "--calibration-examples",
+        type=_positive_int,
+        default=64,
+        help="training examples scored by the Fisher pass (default: %(default)s)",
+    )
+    group.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="empirical",
+        help="Fisher estimator (default: %(default)s)",
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split, the initialisation and the data order (default: %(default)s)",
+    )
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    group.add_argument(
+        "--output", default=None, help="output directory (default: runs/<command>-<date>-<time>)"
+    )
+    group.add_argument(
+        "--no-plot", action="store_true", help="do not write the PNG plot of the block scores"
+    )
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -106,33 +150,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     finetune = commands.add_parser(
-        "finetune", help="fine-tune a model with FoRA (default: SmolLM2-135M on Rotten Tomatoes)",
+        "finetune",
+        help="fine-tune a model with FoRA (default: SmolLM2-135M on Rotten Tomatoes)",
         description="Score the blocks, adapt the top ones with FoRA, train, evaluate, save a plain "
         "peft LoRA adapter with fora_report.json, a plot of the block scores and the run config.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_and_data(finetune)
     fora = finetune.add_argument_group("FoRA and training")
-    fora.add_argument("--budget", type=_fraction, default=0.5, help="fraction of blocks adapted, in (0, 1]")
+    fora.add_argument(
+        "--budget", type=_fraction, default=0.5, help="fraction of blocks adapted, in (0, 1]"
+    )
     fora.add_argument("--rank", type=_positive_int, default=32, help="LoRA rank r")
-    fora.add_argument("--alpha", type=_positive_float, default=64.0, help="LoRA alpha (scaling alpha / r)")
+    fora.add_argument(
+        "--alpha", type=_positive_float, default=64.0, help="LoRA alpha (scaling alpha / r)"
+    )
     fora.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    fora.add_argument("--retraction", choices=sorted(RETRACTIONS), default="cayley", help="retraction of the Stiefel step")
-    fora.add_argument("--stiefel-factor", choices=("B", "A"), default="B", help="the factor kept orthonormal")
-    fora.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: 48, or from --epochs)")
-    fora.add_argument("--epochs", type=_positive_float, default=None, help="passes over the training split (instead of --steps)")
+    fora.add_argument(
+        "--retraction",
+        choices=sorted(RETRACTIONS),
+        default="cayley",
+        help="retraction of the Stiefel step",
+    )
+    fora.add_argument(
+        "--stiefel-factor", choices=("B", "A"), default="B", help="the factor kept orthonormal"
+    )
+    fora.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="optimizer steps (default: 48, or from --epochs)",
+    )
+    fora.add_argument(
+        "--epochs",
+        type=_positive_float,
+        default=None,
+        help="passes over the training split (instead of --steps)",
+    )
     fora.add_argument("--batch-size", type=_positive_int, default=16, help="examples per step")
-    fora.add_argument("--lr", type=_positive_float, default=2e-3, help="AdamW learning rate of lora_A")
-    fora.add_argument("--stiefel-lr", type=_positive_float, default=2e-3, help="learning rate of the Stiefel factor")
-    fora.add_argument("--train-examples", type=_positive_int, default=None, help="use at most this many training examples")
+    fora.add_argument(
+        "--lr", type=_positive_float, default=2e-3, help="AdamW learning rate of lora_A"
+    )
+    fora.add_argument(
+        "--stiefel-lr",
+        type=_positive_float,
+        default=2e-3,
+        help="learning rate of the Stiefel factor",
+    )
+    fora.add_argument(
+        "--train-examples",
+        type=_positive_int,
+        default=None,
+        help="use at most this many training examples",
+    )
 
     fisher = commands.add_parser(
-        "fisher", help="score the blocks of a model on data and print the table (no training)",
+        "fisher",
+        help="score the blocks of a model on data and print the table (no training)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_and_data(fisher)
-    fisher.add_argument("--batch-size", type=_positive_int, default=8, help="examples per scoring batch")
-    fisher.add_argument("--budget", type=_fraction, default=0.5, help="mark the top fraction of blocks as selected")
+    fisher.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="examples per scoring batch"
+    )
+    fisher.add_argument(
+        "--budget", type=_fraction, default=0.5, help="mark the top fraction of blocks as selected"
+    )
     return parser
 
 
@@ -152,7 +235,9 @@ def check(arguments: argparse.Namespace) -> None:
                 f"({', '.join(sorted(BUILTIN_MODELS))}) nor an existing folder"
             )
         if not (folder / "config.json").is_file():
-            raise UsageError(f"--model folder {str(folder)!r} has no config.json (not a Hugging Face folder)")
+            raise UsageError(
+                f"--model folder {str(folder)!r} has no config.json (not a Hugging Face folder)"
+            )
     if arguments.data not in BUILTIN_DATASETS:
         path = Path(arguments.data)
         if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
@@ -164,9 +249,15 @@ def check(arguments: argparse.Namespace) -> None:
             raise UsageError(f"--data file {arguments.data!r} does not exist")
     if "{text}" not in arguments.template:
         raise UsageError("--template must contain {text}")
-    if getattr(arguments, "steps", None) is not None and getattr(arguments, "epochs", None) is not None:
+    if (
+        getattr(arguments, "steps", None) is not None
+        and getattr(arguments, "epochs", None) is not None
+    ):
         raise UsageError("give --steps or --epochs, not both")
-    if getattr(arguments, "dropout", 0.0) is not None and not 0 <= getattr(arguments, "dropout", 0.0) < 1:
+    if (
+        getattr(arguments, "dropout", 0.0) is not None
+        and not 0 <= getattr(arguments, "dropout", 0.0) < 1
+    ):
         raise UsageError(f"--dropout must be in [0, 1), got {arguments.dropout}")
     device = arguments.device
     if device != "auto" and not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
@@ -182,4 +273,6 @@ def check(arguments: argparse.Namespace) -> None:
     parent = output.parent if output.parent != Path("") else Path(".")
     existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
     if not os.access(existing, os.W_OK):
-        raise UsageError(f"--output {str(output)!r} cannot be created: {str(existing)!r} is not writable")
+        raise UsageError(
+            f"--output {str(output)!r} cannot be created: {str(existing)!r} is not writable"
+        )

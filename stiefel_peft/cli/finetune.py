@@ -58,10 +58,17 @@ def run(arguments: argparse.Namespace) -> dict:
     say(f"held-out accuracy before: {_points(before)}")
 
     config = FoRAConfig(
-        budget=arguments.budget, r=arguments.rank, lora_alpha=arguments.alpha,
-        lora_dropout=arguments.dropout, estimator=arguments.estimator,
-        retraction=arguments.retraction, stiefel_factor=arguments.stiefel_factor,
-        calibration_batches=None, seed=arguments.seed, lr=arguments.lr, stiefel_lr=arguments.stiefel_lr,
+        budget=arguments.budget,
+        r=arguments.rank,
+        lora_alpha=arguments.alpha,
+        lora_dropout=arguments.dropout,
+        estimator=arguments.estimator,
+        retraction=arguments.retraction,
+        stiefel_factor=arguments.stiefel_factor,
+        calibration_batches=None,
+        seed=arguments.seed,
+        lr=arguments.lr,
+        stiefel_lr=arguments.stiefel_lr,
     )
     calibration = calibration_batches(data, collate, arguments, device)
     model = apply_fora(model, calibration=calibration, config=config, progress=not arguments.quiet)
@@ -72,9 +79,12 @@ def run(arguments: argparse.Namespace) -> dict:
     optimizer = fora_optimizer(model)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (steps - step) / steps) ** 0.5
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (steps - step) / steps) ** 0.5,
     )
-    stream = batches(data.train, collate, arguments.batch_size, device, arguments.seed, shuffle=True)
+    stream = batches(
+        data.train, collate, arguments.batch_size, device, arguments.seed, shuffle=True
+    )
     model.train()
     losses = []
     bar = tqdm(range(steps), disable=arguments.quiet, desc="training", unit="step")
@@ -124,10 +134,15 @@ def run(arguments: argparse.Namespace) -> dict:
     report.save(output)
     if not arguments.no_plot and report.per_block_scores:
         plot_block_scores(
-            report.per_block_scores, report.selected_blocks, output / "fisher_scores.png",
+            report.per_block_scores,
+            report.selected_blocks,
+            output / "fisher_scores.png",
             f"{arguments.model}: {report.estimator} Fisher per block (selected in red)",
         )
-    write_json(output / "run_config.json", {"command": "finetune", **vars(arguments), "output": str(output)})
+    write_json(
+        output / "run_config.json",
+        {"command": "finetune", **vars(arguments), "output": str(output)},
+    )
     total = time.perf_counter() - started
     delta = "" if before is None or after is None else f" ({100 * (after - before):+.1f} points)"
     print(

@@ -29,7 +29,12 @@ from stiefel_peft.data import (
 class TaskData:
     """Examples split for a run: either classification (``label_words``) or completions."""
 
-    def __init__(self, train: list[dict[str, Any]], heldout: list[dict[str, Any]], label_names: tuple[str, ...] | None) -> None:
+    def __init__(
+        self,
+        train: list[dict[str, Any]],
+        heldout: list[dict[str, Any]],
+        label_names: tuple[str, ...] | None,
+    ) -> None:
         self.train = train
         self.heldout = heldout
         self.label_names = label_names
@@ -42,16 +47,26 @@ class TaskData:
 
 def load_task_data(arguments: argparse.Namespace) -> TaskData:
     """Load and split the data; every problem becomes a :class:`UsageError` (cheap, no model)."""
-    names = tuple(n.strip() for n in arguments.label_names.split(",")) if arguments.label_names else None
+    names = (
+        tuple(n.strip() for n in arguments.label_names.split(","))
+        if arguments.label_names
+        else None
+    )
     try:
         if arguments.data in BUILTIN_DATASETS:
             examples: list[dict[str, Any]] = list(load_dataset(arguments.data))
             names = names or tuple(DEFAULT_LABEL_NAMES.split(","))
         elif arguments.prompt_column is not None:
-            examples = list(load_prompt_completion_file(arguments.data, arguments.prompt_column, arguments.completion_column))
+            examples = list(
+                load_prompt_completion_file(
+                    arguments.data, arguments.prompt_column, arguments.completion_column
+                )
+            )
             names = None
         else:
-            examples, names = load_classification_file(arguments.data, arguments.text_column, arguments.label_column, names)
+            examples, names = load_classification_file(
+                arguments.data, arguments.text_column, arguments.label_column, names
+            )
         if names is not None:
             label_words_for(names)  # validates the names
     except (ValueError, KeyError) as error:
@@ -59,7 +74,9 @@ def load_task_data(arguments: argparse.Namespace) -> TaskData:
     except (MissingAssetError, FileNotFoundError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
     if arguments.heldout >= len(examples):
-        raise UsageError(f"--heldout {arguments.heldout} leaves no training example out of {len(examples)}")
+        raise UsageError(
+            f"--heldout {arguments.heldout} leaves no training example out of {len(examples)}"
+        )
     train, heldout = split_examples(examples, heldout=arguments.heldout, seed=arguments.seed)
     if getattr(arguments, "train_examples", None):
         train = train[: arguments.train_examples]
@@ -77,10 +94,16 @@ def collator(tokenizer: Any, data: TaskData, arguments: argparse.Namespace) -> T
 
 
 def _length(example: dict[str, Any]) -> int:
-    return len(str(example.get("text", ""))) + len(str(example.get("prompt", ""))) + len(str(example.get("completion", "")))
+    return (
+        len(str(example.get("text", "")))
+        + len(str(example.get("prompt", "")))
+        + len(str(example.get("completion", "")))
+    )
 
 
-def length_grouped_order(examples: Sequence[dict[str, Any]], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+def length_grouped_order(
+    examples: Sequence[dict[str, Any]], batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
     """Batches of indices for one epoch: a seeded shuffle, then within windows of 8 batches the
     examples are sorted by length (less padding: reviews are 36 tokens on average but a random
     batch pads to ~60), and the batches are shuffled again so lengths do not trend over time."""
@@ -94,37 +117,63 @@ def length_grouped_order(examples: Sequence[dict[str, Any]], batch_size: int, ge
     return [groups[i] for i in permutation]
 
 
-def batches(examples: Sequence[dict[str, Any]], collate: TaskCollator, batch_size: int, device: torch.device, seed: int, shuffle: bool) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    examples: Sequence[dict[str, Any]],
+    collate: TaskCollator,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    shuffle: bool,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Endless HF batches on ``device``: in order, or shuffled and length-grouped (seeded)."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         if shuffle:
             groups = length_grouped_order(examples, batch_size, generator)
         else:
-            groups = [list(range(i, min(i + batch_size, len(examples)))) for i in range(0, len(examples), batch_size)]
+            groups = [
+                list(range(i, min(i + batch_size, len(examples))))
+                for i in range(0, len(examples), batch_size)
+            ]
         for indices in groups:
             batch = collate([examples[i] for i in indices])
             yield {key: value.to(device) for key, value in batch.items()}
 
 
-def calibration_batches(data: TaskData, collate: TaskCollator, arguments: argparse.Namespace, device: torch.device, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(
+    data: TaskData,
+    collate: TaskCollator,
+    arguments: argparse.Namespace,
+    device: torch.device,
+    batch_size: int = 8,
+) -> list[dict[str, torch.Tensor]]:
     examples = data.train[: arguments.calibration_examples]
     stream = batches(examples, collate, batch_size, device, arguments.seed, shuffle=False)
     return [next(stream) for _ in range(math.ceil(len(examples) / batch_size))]
 
 
 @torch.no_grad()
-def completion_accuracy(model: torch.nn.Module, examples: Sequence[dict[str, Any]], collate: TaskCollator, device: torch.device, progress: bool) -> float:
+def completion_accuracy(
+    model: torch.nn.Module,
+    examples: Sequence[dict[str, Any]],
+    collate: TaskCollator,
+    device: torch.device,
+    progress: bool,
+) -> float:
     """Fraction of examples whose every completion token is the model's greedy (argmax) choice
     under teacher forcing."""
     was_training = model.training
     model.eval()
     correct = 0
     try:
-        for start in tqdm(range(0, len(examples), 32), disable=not progress, desc="evaluating", unit="batch"):
+        for start in tqdm(
+            range(0, len(examples), 32), disable=not progress, desc="evaluating", unit="batch"
+        ):
             batch = collate(examples[start : start + 32])
             batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             predicted = logits[:, :-1].argmax(-1)  # position t predicts token t + 1
             targets = batch["labels"][:, 1:]
             supervised = targets != -100
@@ -134,16 +183,34 @@ def completion_accuracy(model: torch.nn.Module, examples: Sequence[dict[str, Any
     return correct / len(examples)
 
 
-def accuracy(model: torch.nn.Module, tokenizer: Any, data: TaskData, collate: TaskCollator, arguments: argparse.Namespace, device: torch.device) -> float | None:
+def accuracy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: TaskData,
+    collate: TaskCollator,
+    arguments: argparse.Namespace,
+    device: torch.device,
+) -> float | None:
     if not data.heldout:
         return None
     progress = not arguments.quiet
     if data.kind == "classification":
-        return classification_accuracy(model, tokenizer, data.heldout, data.label_words, batch_size=32, progress=progress, template=arguments.template, max_length=arguments.max_length)
+        return classification_accuracy(
+            model,
+            tokenizer,
+            data.heldout,
+            data.label_words,
+            batch_size=32,
+            progress=progress,
+            template=arguments.template,
+            max_length=arguments.max_length,
+        )
     return completion_accuracy(model, data.heldout, collate, device, progress)
 
 
-def plot_block_scores(scores: dict[int, float], selected: Sequence[int], path: Path, title: str) -> Path:
+def plot_block_scores(
+    scores: dict[int, float], selected: Sequence[int], path: Path, title: str
+) -> Path:
     """A bar chart of the per-block scores with the selected blocks highlighted."""
     import matplotlib
 

@@ -48,16 +48,22 @@ def _initialise(model: peft.PeftModel, adapted: list[str], config: FoRAConfig) -
         lora_a = layer.lora_A[ADAPTER_NAME].weight  # (r, d_in)
         lora_b = layer.lora_B[ADAPTER_NAME].weight  # (d_out, r)
         if config.stiefel_factor == "B":
-            frame = random_stiefel(lora_b.shape[0], config.r, dtype=torch.float64, generator=generator)
+            frame = random_stiefel(
+                lora_b.shape[0], config.r, dtype=torch.float64, generator=generator
+            )
             lora_b.copy_(frame)
             lora_a.zero_()
         else:
-            frame = random_stiefel(lora_a.shape[1], config.r, dtype=torch.float64, generator=generator)
+            frame = random_stiefel(
+                lora_a.shape[1], config.r, dtype=torch.float64, generator=generator
+            )
             lora_a.copy_(frame.mT)  # rows orthonormal
             lora_b.zero_()
 
 
-def _check_rank(per_block: dict[int, list[str]], modules: dict[str, nn.Module], config: FoRAConfig) -> None:
+def _check_rank(
+    per_block: dict[int, list[str]], modules: dict[str, nn.Module], config: FoRAConfig
+) -> None:
     names = [name for names in per_block.values() for name in names]
     attribute = "out_features" if config.stiefel_factor == "B" else "in_features"
     smallest = min(names, key=lambda name: getattr(modules[name], attribute))
@@ -148,8 +154,13 @@ def apply_fora(
     if count < blocks.length:
         group = default_process_group() if process_group == "auto" else process_group
         scores, data_free = score_blocks(
-            model, calibration, config.estimator, config.calibration_batches, config.seed,
-            progress, process_group=group,
+            model,
+            calibration,
+            config.estimator,
+            config.calibration_batches,
+            config.seed,
+            progress,
+            process_group=group,
         )
         selected = select_top_blocks(scores.per_block, count)
     else:

@@ -13,7 +13,9 @@ from stiefel_peft.optim import StiefelAdam
 __all__ = ["constrained_parameters", "fora_optimizer"]
 
 
-def constrained_parameters(model: nn.Module, stiefel_factor: str = "B") -> list[tuple[str, nn.Parameter]]:
+def constrained_parameters(
+    model: nn.Module, stiefel_factor: str = "B"
+) -> list[tuple[str, nn.Parameter]]:
     """The trainable ``lora_B`` (or ``lora_A``) weights of every adapter, with their names.
 
     Raises:
@@ -76,7 +78,11 @@ def fora_optimizer(
     if config is None and isinstance(getattr(model, "module", None), nn.Module):
         config = getattr(model.module, "fora_config", None)  # DistributedDataParallel wrapper
     lr = lr if lr is not None else (config.lr if config is not None else 2e-4)
-    stiefel_lr = stiefel_lr if stiefel_lr is not None else (config.stiefel_lr if config is not None else 1e-3)
+    stiefel_lr = (
+        stiefel_lr
+        if stiefel_lr is not None
+        else (config.stiefel_lr if config is not None else 1e-3)
+    )
     factor = stiefel_factor or (config.stiefel_factor if config is not None else "B")
     retraction = retraction or (config.retraction if config is not None else "cayley")
     constrained = constrained_parameters(model, factor)
@@ -88,7 +94,12 @@ def fora_optimizer(
     constrained_ids = {id(parameter) for _, parameter in constrained}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in constrained_ids]
     groups: list[dict[str, Any]] = [
-        {"params": [p for _, p in constrained], "stiefel": True, "lr": stiefel_lr, "weight_decay": 0.0}
+        {
+            "params": [p for _, p in constrained],
+            "stiefel": True,
+            "lr": stiefel_lr,
+            "weight_decay": 0.0,
+        }
     ]
     if others:
         groups.append({"params": others, "stiefel": False, "lr": lr, "weight_decay": weight_decay})

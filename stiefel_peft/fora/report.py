@@ -64,7 +64,9 @@ class FoRAReport:
     def from_dict(cls, data: dict[str, Any]) -> FoRAReport:
         data = dict(data)
         if data.get("per_block_scores") is not None:
-            data["per_block_scores"] = {int(k): float(v) for k, v in data["per_block_scores"].items()}
+            data["per_block_scores"] = {
+                int(k): float(v) for k, v in data["per_block_scores"].items()
+            }
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:

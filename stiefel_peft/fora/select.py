@@ -87,7 +87,12 @@ def score_blocks(
         )
         return scores, True
     scores = estimate_fisher(
-        model, calibration, estimator, seed=seed, max_batches=max_batches, progress=progress,
+        model,
+        calibration,
+        estimator,
+        seed=seed,
+        max_batches=max_batches,
+        progress=progress,
         process_group=process_group,
     )
     return scores, False

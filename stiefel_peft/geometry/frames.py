@@ -57,9 +57,7 @@ def random_stiefel(
     if not dtype.is_floating_point:
         raise ValueError(f"`dtype` must be a floating dtype, got {dtype}")
     if size[-1] > size[-2] or size[-1] == 0:
-        raise ValueError(
-            f"`shape` {size} is not a Stiefel shape: need n >= p >= 1 in (..., n, p)"
-        )
+        raise ValueError(f"`shape` {size} is not a Stiefel shape: need n >= p >= 1 in (..., n, p)")
     gaussian = torch.randn(size, dtype=working_dtype(dtype), device=device, generator=generator)
     return qr_positive(gaussian)[0].to(dtype)
 

@@ -65,7 +65,9 @@ def _apply(kernel: Retraction, x: torch.Tensor, v: torch.Tensor, **options: obje
     return kernel(x.to(dtype), v.to(dtype), **options).to(x.dtype)
 
 
-def retract(x: torch.Tensor, v: torch.Tensor, method: str = "cayley", **options: object) -> torch.Tensor:
+def retract(
+    x: torch.Tensor, v: torch.Tensor, method: str = "cayley", **options: object
+) -> torch.Tensor:
     """Apply the retraction registered as ``method`` (see :data:`RETRACTIONS`).
 
     Args:
@@ -316,5 +318,3 @@ def geodesic_canonical(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     )  # (..., 2p, 2p)
     coefficients = torch.linalg.matrix_exp(block)[..., :, :p]  # (..., 2p, p)
     return x @ coefficients[..., :p, :] + q @ coefficients[..., p:, :]
-
-

@@ -32,7 +32,13 @@ def test_finetune_end_to_end_writes_a_loadable_adapter_report_plot_and_config(
     assert main(_finetune_arguments(tiny_model_folder, tiny_csv, output)) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("accuracy ") and "x LoRA on every block" in summary
-    for name in ("adapter_config.json", "adapter_model.safetensors", "fora_report.json", "fisher_scores.png", "run_config.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "fora_report.json",
+        "fisher_scores.png",
+        "run_config.json",
+    ):
         assert (output / name).is_file(), name
     report = FoRAReport.load(output)
     assert len(report.selected_blocks) == 2 and report.num_blocks == 4
@@ -48,9 +54,28 @@ def test_finetune_end_to_end_writes_a_loadable_adapter_report_plot_and_config(
     assert sum(".lora_B." in n for n, _ in reloaded.named_parameters()) == 2 * 5
 
 
-def test_fisher_command_prints_the_table_and_saves_scores(tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys) -> None:
+def test_fisher_command_prints_the_table_and_saves_scores(
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys
+) -> None:
     output = tmp_path / "scores"
-    arguments = ["fisher", "--model", str(tiny_model_folder), "--data", str(tiny_csv), "--text-column", "review", "--label-column", "sentiment", "--heldout", "10", "--calibration-examples", "16", "--output", str(output), "--quiet"]
+    arguments = [
+        "fisher",
+        "--model",
+        str(tiny_model_folder),
+        "--data",
+        str(tiny_csv),
+        "--text-column",
+        "review",
+        "--label-column",
+        "sentiment",
+        "--heldout",
+        "10",
+        "--calibration-examples",
+        "16",
+        "--output",
+        str(output),
+        "--quiet",
+    ]
     assert main(arguments) == 0
     printed = capsys.readouterr().out
     marked = [line for line in printed.splitlines() if line.startswith("*")]
@@ -71,7 +96,13 @@ def test_fisher_command_prints_the_table_and_saves_scores(tiny_model_folder: Pat
     ],
 )
 def test_bad_input_stops_with_one_line_and_exit_code_2_before_loading_the_model(
-    extra: list[str], message: str, tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys, monkeypatch
+    extra: list[str],
+    message: str,
+    tiny_model_folder: Path,
+    tiny_csv: Path,
+    tmp_path: Path,
+    capsys,
+    monkeypatch,
 ) -> None:
     import stiefel_peft.cli.finetune as finetune
 
@@ -88,7 +119,9 @@ def test_bad_input_stops_with_one_line_and_exit_code_2_before_loading_the_model(
     assert len(error.splitlines()) == 1 and message in error, error
 
 
-def test_missing_files_unknown_models_and_used_outputs_are_usage_errors(tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys) -> None:
+def test_missing_files_unknown_models_and_used_outputs_are_usage_errors(
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys
+) -> None:
     cases = [
         (["finetune", "--data", str(tmp_path / "missing.csv")], "does not exist"),
         (["finetune", "--model", "gpt-17"], "neither a built-in model"),
@@ -97,7 +130,20 @@ def test_missing_files_unknown_models_and_used_outputs_are_usage_errors(tiny_mod
     used = tmp_path / "used"
     used.mkdir()
     (used / "file").write_text("x")
-    cases.append((["finetune", "--model", str(tiny_model_folder), "--data", str(tiny_csv), "--output", str(used)], "not empty"))
+    cases.append(
+        (
+            [
+                "finetune",
+                "--model",
+                str(tiny_model_folder),
+                "--data",
+                str(tiny_csv),
+                "--output",
+                str(used),
+            ],
+            "not empty",
+        )
+    )
     for arguments, message in cases:
         assert main(arguments) == 2
         error = capsys.readouterr().err.strip()
@@ -105,11 +151,36 @@ def test_missing_files_unknown_models_and_used_outputs_are_usage_errors(tiny_mod
 
 
 def test_python_dash_m_and_help_list_every_option_with_defaults() -> None:
-    result = subprocess.run([sys.executable, "-m", "stiefel_peft", "finetune", "--help"], capture_output=True, text=True, check=True)
-    for option in ("--budget", "--rank", "--estimator", "--retraction", "--steps", "--epochs", "--batch-size", "--lr", "--stiefel-lr", "--seed", "--device", "--output", "--model", "--data"):
+    result = subprocess.run(
+        [sys.executable, "-m", "stiefel_peft", "finetune", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for option in (
+        "--budget",
+        "--rank",
+        "--estimator",
+        "--retraction",
+        "--steps",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--stiefel-lr",
+        "--seed",
+        "--device",
+        "--output",
+        "--model",
+        "--data",
+    ):
         assert option in result.stdout, option
     assert "default: 0.5" in result.stdout
-    fisher_help = subprocess.run([sys.executable, "-m", "stiefel_peft", "fisher", "--help"], capture_output=True, text=True, check=True)
+    fisher_help = subprocess.run(
+        [sys.executable, "-m", "stiefel_peft", "fisher", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--estimator" in fisher_help.stdout
 
 

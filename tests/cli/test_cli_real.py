@@ -21,5 +21,10 @@ def test_default_finetune_runs_on_smollm2_and_rotten_tomatoes(tmp_path: Path, ca
     assert report.num_blocks == 30 and len(report.selected_blocks) == 15
     assert report.extra["heldout_examples"] == 300 and report.extra["model"] == "smollm2-135m"
     assert report.estimator == "empirical" and not report.data_free
-    for name in ("adapter_config.json", "adapter_model.safetensors", "fisher_scores.png", "run_config.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "fisher_scores.png",
+        "run_config.json",
+    ):
         assert (output / name).is_file(), name

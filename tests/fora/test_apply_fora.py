@@ -37,7 +37,9 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**inputs).logits
 
 
-def _train(model: peft.PeftModel, case: TinyModelCase, steps: int, **optimizer_options) -> list[float]:
+def _train(
+    model: peft.PeftModel, case: TinyModelCase, steps: int, **optimizer_options
+) -> list[float]:
     optimizer = fora_optimizer(model, **optimizer_options)
     batch = case.make_batch(batch_size=4, seq_len=8, seed=11)
     model.train()
@@ -118,7 +120,9 @@ def test_saved_adapter_reloads_with_peft_alone_and_merges(case: TinyModelCase, t
     torch.testing.assert_close(_logits(merged, batch), trained, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", [pytest.param(tiny_model_case(n), id=n) for n in ("llama", "bert")])
+@pytest.mark.parametrize(
+    "case", [pytest.param(tiny_model_case(n), id=n) for n in ("llama", "bert")]
+)
 def test_stiefel_factor_a_keeps_lora_a_rows_orthonormal(case: TinyModelCase) -> None:
     base_logits = _logits(case.build(seed=0), case.make_batch(seed=5))
     model = _fora(case, stiefel_factor="A")
@@ -200,7 +204,11 @@ def test_fora_optimizer_groups() -> None:
     model = _fora(tiny_model_case("bert"))
     optimizer = fora_optimizer(model, weight_decay=0.1)
     stiefel_group, euclidean_group = optimizer.param_groups
-    assert stiefel_group["stiefel"] and stiefel_group["lr"] == 1e-3 and stiefel_group["weight_decay"] == 0
+    assert (
+        stiefel_group["stiefel"]
+        and stiefel_group["lr"] == 1e-3
+        and stiefel_group["weight_decay"] == 0
+    )
     assert not euclidean_group["stiefel"] and euclidean_group["lr"] == 2e-4
     assert euclidean_group["weight_decay"] == 0.1
     # The new classifier head of a sequence classifier is trained in the AdamW group.

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stiefel_peft.data import TaskCollator, label_words_for, load_rotten_tomatoes, load_smollm2, split_examples
+from stiefel_peft.data import (
+    TaskCollator,
+    label_words_for,
+    load_rotten_tomatoes,
+    load_smollm2,
+    split_examples,
+)
 from stiefel_peft.fora import apply_fora, constrained_parameters, fora_optimizer
 from stiefel_peft.geometry import orthogonality_error
 

@@ -60,7 +60,9 @@ def test_orthogonality_error_is_the_frobenius_defect() -> None:
     x = torch.zeros(2, 4, 2, dtype=torch.float64)
     x[0, 0, 0] = x[0, 1, 1] = 1.0  # orthonormal
     x[1, 0, 0] = 2.0  # x^T x - I = diag(3, -1): norm sqrt(10)
-    torch.testing.assert_close(orthogonality_error(x), torch.tensor([0.0, 10**0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        orthogonality_error(x), torch.tensor([0.0, 10**0.5], dtype=torch.float64)
+    )
     assert orthogonality_error(x.to(torch.bfloat16)).dtype == torch.float32
 
 

@@ -6,7 +6,13 @@ import geoopt
 import pytest
 import torch
 
-from stiefel_peft.geometry import RETRACTIONS, Stiefel, orthogonality_error, project_tangent, random_stiefel
+from stiefel_peft.geometry import (
+    RETRACTIONS,
+    Stiefel,
+    orthogonality_error,
+    project_tangent,
+    random_stiefel,
+)
 from stiefel_peft.geometry.retractions import geodesic_canonical, retract_exp
 
 
@@ -21,10 +27,15 @@ def _top_eigenspace_problem(n: int = 20, p: int = 3, seed: int = 0) -> tuple[tor
 @pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
 @pytest.mark.parametrize("retraction", ["cayley", "qr", "polar"])
 @pytest.mark.parametrize("metric", ["euclidean", "canonical"])
-def test_geoopt_optimizers_solve_brockett_on_our_manifold(optimizer_name, retraction, metric) -> None:
+def test_geoopt_optimizers_solve_brockett_on_our_manifold(
+    optimizer_name, retraction, metric
+) -> None:
     a, best = _top_eigenspace_problem()
     manifold = Stiefel(retraction=retraction, metric=metric)
-    x = geoopt.ManifoldParameter(random_stiefel(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), manifold=manifold)
+    x = geoopt.ManifoldParameter(
+        random_stiefel(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+        manifold=manifold,
+    )
     if optimizer_name == "adam":
         optimizer = geoopt.optim.RiemannianAdam([x], lr=0.05)
     else:
@@ -68,7 +79,9 @@ def test_random_origin_and_projx() -> None:
 
 def test_expmap_follows_each_metric() -> None:
     x = random_stiefel(12, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    v = project_tangent(x, 0.3 * torch.randn(12, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    v = project_tangent(
+        x, 0.3 * torch.randn(12, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    )
     torch.testing.assert_close(Stiefel(metric="euclidean").expmap(x, v), retract_exp(x, v))
     canonical = Stiefel(metric="canonical").expmap(x, v)
     assert orthogonality_error(canonical) < 1e-12
@@ -79,7 +92,9 @@ def test_expmap_follows_each_metric() -> None:
     # On the orthogonal group (p = n) both metrics are proportional: same geodesics.
     square = random_stiefel(5, 5, dtype=torch.float64)
     w = project_tangent(square, torch.randn(5, 5, dtype=torch.float64))
-    torch.testing.assert_close(geodesic_canonical(square, w), retract_exp(square, w), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        geodesic_canonical(square, w), retract_exp(square, w), atol=1e-10, rtol=0
+    )
 
 
 def test_every_registered_retraction_works_through_the_manifold() -> None:

@@ -57,7 +57,8 @@ def test_riemannian_gradient_matches_a_finite_difference(metric: str, data) -> N
     assert _tangent_defect(x, rgrad).max() <= 1e-9 * (1 + egrad.norm())
     h = 1e-6
     derivative = (
-        _objective(retract(x, h * xi, "cayley"), a, b) - _objective(retract(x, -h * xi, "cayley"), a, b)
+        _objective(retract(x, h * xi, "cayley"), a, b)
+        - _objective(retract(x, -h * xi, "cayley"), a, b)
     ) / (2 * h)
     predicted = inner(x, rgrad, xi, metric).sum()
     assert abs(derivative - predicted) <= 1e-5 * (1 + abs(derivative))
@@ -85,9 +86,13 @@ def test_projection_transport_lands_in_the_target_tangent_space(data) -> None:
 @pytest.mark.parametrize("method", ["qr", "cayley", "polar", "exp"])
 @given(data=point_and_tangent(max_norm=1.5))
 @settings(max_examples=15, deadline=None)
-def test_differentiated_transport_matches_a_finite_difference_and_is_tangent(method: str, data) -> None:
+def test_differentiated_transport_matches_a_finite_difference_and_is_tangent(
+    method: str, data
+) -> None:
     x, u = data
-    v = project_tangent(x, torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(7)))
+    v = project_tangent(
+        x, torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(7))
+    )
     moved = transport_differentiated(x, u, v, retraction=method)
     h = 1e-6
     finite = (retract(x, u + h * v, method) - retract(x, u - h * v, method)) / (2 * h)
@@ -102,7 +107,9 @@ def test_closed_form_transports_agree_with_forward_mode_autodiff(method: str) ->
     u = project_tangent(x, 0.5 * torch.randn(2, 25, 5, dtype=torch.float64, generator=generator))
     v = project_tangent(x, torch.randn(2, 25, 5, dtype=torch.float64, generator=generator))
     _, reference = torch.func.jvp(lambda step: retract(x, step, method), (u,), (v,))
-    torch.testing.assert_close(transport_differentiated(x, u, v, method), reference, atol=1e-11, rtol=0)
+    torch.testing.assert_close(
+        transport_differentiated(x, u, v, method), reference, atol=1e-11, rtol=0
+    )
 
 
 def test_differentiated_transport_at_zero_step_is_the_identity_on_tangents() -> None:

@@ -106,8 +106,15 @@ def _dense_cayley(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @settings(max_examples=25, deadline=None)
 def test_cayley_matches_the_dense_n_by_n_reference(data) -> None:
     x, v = data
-    expected = torch.stack([_dense_cayley(a, b) for a, b in zip(x.reshape(-1, *x.shape[-2:]), v.reshape(-1, *x.shape[-2:]))])
-    torch.testing.assert_close(retract_cayley(x, v).reshape(expected.shape), expected, atol=1e-10, rtol=0)
+    expected = torch.stack(
+        [
+            _dense_cayley(a, b)
+            for a, b in zip(x.reshape(-1, *x.shape[-2:]), v.reshape(-1, *x.shape[-2:]), strict=True)
+        ]
+    )
+    torch.testing.assert_close(
+        retract_cayley(x, v).reshape(expected.shape), expected, atol=1e-10, rtol=0
+    )
 
 
 def test_cayley_iteration_converges_to_the_exact_cayley_point() -> None:
@@ -137,7 +144,9 @@ def test_polar_is_the_svd_nearest_point(data) -> None:
 @settings(max_examples=25, deadline=None)
 def test_newton_schulz_polar_matches_svd_polar(data) -> None:
     x, v = data
-    torch.testing.assert_close(retract_polar_newton_schulz(x, v), retract_polar(x, v), atol=1e-8, rtol=0)
+    torch.testing.assert_close(
+        retract_polar_newton_schulz(x, v), retract_polar(x, v), atol=1e-8, rtol=0
+    )
 
 
 @given(data=point_and_tangent(max_norm=2.0))
@@ -160,9 +169,16 @@ def test_exp_is_a_geodesic_of_the_embedded_metric(data) -> None:
 def test_retractions_broadcast_over_batch_dims(method: str) -> None:
     generator = torch.Generator().manual_seed(3)
     x = random_stiefel(2, 3, 20, 4, dtype=torch.float64, generator=generator)
-    v = project_tangent(x, 0.05 * torch.randn(2, 3, 20, 4, dtype=torch.float64, generator=generator))
+    v = project_tangent(
+        x, 0.05 * torch.randn(2, 3, 20, 4, dtype=torch.float64, generator=generator)
+    )
     batched = retract(x, v, method)
-    one_by_one = torch.stack([retract(a, b, method) for a, b in zip(x.reshape(6, 20, 4), v.reshape(6, 20, 4))])
+    one_by_one = torch.stack(
+        [
+            retract(a, b, method)
+            for a, b in zip(x.reshape(6, 20, 4), v.reshape(6, 20, 4), strict=True)
+        ]
+    )
     torch.testing.assert_close(batched.reshape(6, 20, 4), one_by_one, atol=1e-12, rtol=0)
 
 
