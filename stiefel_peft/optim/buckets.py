@@ -77,6 +77,13 @@ class Bucket:
     steps: torch.Tensor
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     master: torch.Tensor | None = None
+    # persistent stacked buffers (plain tensors only, see :meth:`bind`); None: stack every step
+    storage: torch.Tensor | None = None  # (f, n, p) parameter dtype; tall params' .data views
+    grad_buffer: torch.Tensor | None = None  # (f, n, p) working dtype, refilled every step
+    views: list[torch.Tensor] = field(default_factory=list)  # storage, in each param's layout
+    grad_views: list[torch.Tensor] = field(default_factory=list)  # grad_buffer, same layout
+    bound: list[bool] = field(default_factory=list)  # param.data is views[i]
+    pointers: list[int] = field(default_factory=list)  # views[i].data_ptr()
 
     @property
     def working_dtype(self) -> torch.dtype:
@@ -105,6 +112,72 @@ class Bucket:
             return torch.stack(tensors)  # (k, n, p)
         return torch.cat([t.reshape(-1, n, p) for t in tensors])  # (f, n, p)
 
+    def bind(self) -> None:
+        """Allocate the persistent buffers and make tall parameters views of the storage.
+
+        After this, each tall plain parameter's ``.data`` is ``storage[offset : offset + f_i]``
+        viewed as its shape (contiguous), so a step reads and writes the parameters in place
+        with no stacking or copy back. Wide parameters (their view would be non-contiguous,
+        which ``safetensors`` and others reject), parameters whose ``.data`` is not a plain
+        strided tensor, and every bucket holding a DTensor keep the copying path. Cost: one
+        copy of the parameters, once.
+        """
+        if any(is_distributed_tensor(param) for param in self.params):
+            return
+        n, p = self.shape
+        total = sum(self.frames)
+        self.storage = torch.empty((total, n, p), dtype=self.dtype, device=self.device)
+        self.grad_buffer = torch.empty((total, n, p), dtype=self.working_dtype, device=self.device)
+        self.views, self.grad_views, self.bound, self.pointers = [], [], [], []
+        for param, offset, count in zip(self.params, self.offsets(), self.frames, strict=True):
+            tall = param.shape[-2] >= param.shape[-1]
+            leading = oriented(param).shape[:-2]
+            view = self.storage[offset : offset + count].view(*leading, n, p)  # tall layout
+            grad_view = self.grad_buffer[offset : offset + count].view(*leading, n, p)
+            view = view if tall else view.mT  # the parameter's own layout
+            self.views.append(view)
+            self.grad_views.append(grad_view if tall else grad_view.mT)
+            self.pointers.append(view.data_ptr())
+            view.copy_(param.detach())
+            self.bound.append(False)
+            self._point(len(self.bound) - 1)
+
+    def _point(self, i: int) -> None:
+        """Make ``params[i].data`` the storage view (when allowed); ``views[i]`` holds its value."""
+        param, view = self.params[i], self.views[i]
+        if (
+            view.is_contiguous()
+            and type(param.data) is torch.Tensor
+            and param.layout == torch.strided
+            and param.shape == view.shape
+            and param.dtype == view.dtype
+            and param.device == view.device
+        ):
+            param.data = view
+            self.bound[i] = True
+
+    def _attach(self, chosen: list[int], read: bool) -> list[int]:
+        """Check that bound parameters are still storage views; returns the unbound positions.
+
+        A parameter whose ``.data`` was replaced (``model.to()``, ``load_state_dict`` with
+        ``assign=True``, a wrapper) is copied into the storage and re-pointed when it still
+        fits, else it stays on the copying path. With ``read``, the storage receives the current
+        values of the unbound parameters. Host-side checks only (no sync).
+        """
+        params, bound, pointers, views = self.params, self.bound, self.pointers, self.views
+        for i in chosen:
+            if bound[i]:
+                param = params[i]
+                if param.data_ptr() == pointers[i] and param.shape == views[i].shape:
+                    continue
+                bound[i] = False
+                views[i].copy_(param.detach())
+                self._point(i)
+        unbound = [i for i in chosen if not bound[i]]
+        if read and unbound:
+            torch._foreach_copy_([views[i] for i in unbound], [params[i] for i in unbound])
+        return unbound
+
     def stack_params(self, positions: list[int] | None) -> torch.Tensor:
         """``(f, n, p)`` copy of the (oriented) parameters, in the parameter dtype."""
         chosen = self.params if positions is None else [self.params[i] for i in positions]
@@ -112,14 +185,29 @@ class Bucket:
 
     def stack_grads(self, positions: list[int] | None) -> torch.Tensor:
         """``(f, n, p)`` copy of the (oriented) gradients in the working dtype; grads untouched."""
+        if self.grad_buffer is not None and positions is None:
+            # into the persistent buffer: no allocation per step
+            grads = [param.grad for param in self.params]
+            if self.single_frames and all(
+                g.dim() == 2 and g.shape[0] >= g.shape[1] and g.dtype == v.dtype and g.shape == v.shape and v.is_contiguous()
+                for g, v in zip(grads, self.grad_views, strict=True)
+            ):
+                return torch.stack(grads, out=self.grad_buffer)  # (f, n, p)
+            torch._foreach_copy_(self.grad_views, grads)
+            return self.grad_buffer
         chosen = self.params if positions is None else [self.params[i] for i in positions]
         stacked = self._stack([oriented_local(param.grad) for param in chosen])
         return stacked.to(self.working_dtype)
 
     def points(self, positions: list[int] | None, index: torch.Tensor | None) -> torch.Tensor:
         """Current frames in the working dtype: the master copy for half parameters."""
+        if self.storage is not None:
+            chosen = list(range(len(self.params))) if positions is None else positions
+            self._attach(chosen, read=self.master is None)
         if self.master is not None:
             return self.master if index is None else self.master.index_select(0, index)
+        if self.storage is not None:
+            return self.storage if index is None else self.storage.index_select(0, index)
         return self.stack_params(positions)
 
     def write_points(
@@ -132,6 +220,17 @@ class Bucket:
             else:
                 self.master.index_copy_(0, index, new)
         chosen = list(range(len(self.params))) if positions is None else positions
+        if self.storage is not None:
+            # bound parameters are views of the storage: written here, in place
+            if index is None:
+                self.storage.copy_(new)
+            else:
+                self.storage.index_copy_(0, index, new.to(self.storage.dtype))
+            unbound = [i for i in chosen if not self.bound[i]]
+            if unbound:
+                params = [self.params[i] for i in unbound]
+                torch._foreach_copy_(params, [self.views[i] for i in unbound])
+            return
         targets = [oriented_local(self.params[i]) for i in chosen]
         if all(count == 1 for count in (self.frames[i] for i in chosen)):
             sources = list(new.unbind(0))  # (n, p) views
@@ -229,4 +328,5 @@ def build_bucket(
         for name, kind in names.items():
             source = bucket.master if name == "master" else bucket.state[name]
             entry[name] = source[offset : offset + frames[i]].view(*leading, *_tail(kind, shape))
+    bucket.bind()
     return bucket
