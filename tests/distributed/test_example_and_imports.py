@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_fora.py"
+
+
+def _descendants(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 @pytest.mark.distributed
@@ -20,16 +30,27 @@ def test_torchrun_example_trains_identical_replicas() -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", str(EXAMPLE), "--steps", "6"]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A new session, so that on a timeout the workers die with torchrun instead of lingering.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environment, start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"torchrun did not finish in 240 s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    # Output goes to files, not pipes: a worker that outlives torchrun must not keep the test
+    # waiting for end-of-file. Every descendant still alive afterwards is killed.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=environment)
+        parent = psutil.Process(process.pid)
+        seen: dict[int, psutil.Process] = {}
+        deadline = time.monotonic() + 240
+        try:
+            while process.poll() is None and time.monotonic() < deadline:
+                seen.update({child.pid: child for child in _descendants(parent)})
+                time.sleep(0.2)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        finally:
+            for child in seen.values():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ddp, 2 process(es), optimizer StiefelAdam" in result.stdout, result.stdout
     match = re.search(
