@@ -34,9 +34,11 @@ from pathlib import Path
 import peft
 import torch
 import transformers
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_bytes, synchronize  # noqa: E402  (the one definition of both)
+
 from stiefel_peft.fisher import ESTIMATORS, estimate_fisher  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fisher.json"
@@ -96,30 +98,6 @@ def lora_step_fn(config: dict, dtype: torch.dtype, device: str, batch: dict):
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_bytes(fn, device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        fn()
-    timeline = sorted((event.time_range.start, event.self_cpu_memory_usage)
-                      for event in profiler.events() if event.self_cpu_memory_usage)
-    current = peak = 0
-    for _, delta in timeline:
-        current += delta
-        peak = max(peak, current)
-    return peak
 
 
 def bench_shape(shape: dict, device: str, estimators: list[str]) -> dict:
