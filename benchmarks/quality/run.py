@@ -36,6 +36,7 @@ from benchmarks.quality.metrics import update_metrics
 from benchmarks.quality.models import load_base_model
 from benchmarks.quality.tasks import Task, evaluate, load_task
 from stiefel_peft.cli.workflow import batches, calibration_batches, resolve_device
+from stiefel_peft.data.loss import supervised_loss
 from stiefel_peft.fisher import FisherScores, estimate_fisher
 
 HERE = Path(__file__).resolve().parent
@@ -166,7 +167,7 @@ def train(
     for _ in tqdm(range(steps), disable=not progress, desc="training", unit="step", leave=False):
         batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        loss = supervised_loss(model, batch)  # = model(**batch).loss, less vocabulary work
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()
@@ -314,7 +315,14 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what is done")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
     arguments = parser.parse_args(argv)
+    if arguments.threads is not None:
+        if arguments.threads < 1:
+            parser.error(f"--threads must be >= 1, got {arguments.threads}")
+        torch.set_num_threads(arguments.threads)
     config = load_config(arguments.config)
     if arguments.methods:
         config["methods"] = [m for m in config["methods"] if m in arguments.methods.split(",")]

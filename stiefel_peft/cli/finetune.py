@@ -21,7 +21,7 @@ from stiefel_peft.cli.workflow import (
     resolve_device,
     write_json,
 )
-from stiefel_peft.data import load_model
+from stiefel_peft.data import load_model, supervised_loss
 from stiefel_peft.fora import FoRAConfig, apply_fora, fora_optimizer
 
 DEFAULT_STEPS = 48
@@ -92,7 +92,7 @@ def run(arguments: argparse.Namespace) -> dict:
     for _ in bar:
         batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        loss = supervised_loss(model, batch)  # only answer positions hit the vocabulary
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()

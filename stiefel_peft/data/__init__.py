@@ -17,6 +17,7 @@ from stiefel_peft.data.files import (
     load_prompt_completion_file,
     read_records,
 )
+from stiefel_peft.data.loss import accepts_logits_to_keep, supervised_loss
 from stiefel_peft.data.tasks import (
     DEFAULT_MAX_LENGTH,
     IGNORE_INDEX,
@@ -45,6 +46,7 @@ __all__ = [
     "Encoded",
     "MissingAssetError",
     "TaskCollator",
+    "accepts_logits_to_keep",
     "cache_dir",
     "classification_accuracy",
     "collate",
@@ -62,5 +64,6 @@ __all__ = [
     "read_records",
     "smollm2_folder",
     "split_examples",
+    "supervised_loss",
     "to_prompt_completion",
 ]

@@ -12,7 +12,6 @@ so both see the same token boundary. Batches are right padded.
 
 from __future__ import annotations
 
-import inspect
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stiefel_peft.data.loss import IGNORE_INDEX, accepts_logits_to_keep
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -45,7 +46,6 @@ SENTIMENT_TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
 SENTIMENT_LABEL_NAMES: tuple[str, ...] = ("negative", "positive")  # index = label
 # Rotten Tomatoes snippets are at most ~70 SmolLM2 tokens with the template; 128 never truncates.
 DEFAULT_MAX_LENGTH = 128
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -270,12 +270,6 @@ def _single_token_ids(
     return None
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the (peft-unwrapped) model's forward takes ``logits_to_keep`` (HF causal LMs)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
 def _answer_log_probs(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
     """Sum over answer tokens of log p(token | prefix), per row: (B,)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -320,7 +314,7 @@ def label_scores(
     device = next(model.parameters()).device
     answers = [tokenizer.encode(word, add_special_tokens=False) for word in label_words]
     token_ids = _single_token_ids(tokenizer, label_words)
-    keep_logits = _accepts_logits_to_keep(model)
+    keep_logits = accepts_logits_to_keep(model)
     # Scoring in order of prompt length keeps the padding (wasted compute) in each batch small.
     prompts = [
         encode_classification(tokenizer, e["text"], None, label_words, template, max_length)
