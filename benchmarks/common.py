@@ -15,12 +15,15 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def environment(device: torch.device | str = "cpu") -> dict[str, object]:
-    """What the numbers were measured on."""
+def environment(
+    device: torch.device | str = "cpu", extra: dict[str, object] | None = None
+) -> dict[str, object]:
+    """What the numbers were measured on, plus ``extra`` (e.g. versions of compared libraries)."""
     info: dict[str, object] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
@@ -29,6 +32,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, object]:
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+    info.update(extra or {})
     return info
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +35,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_bytes, synchronize  # noqa: E402  (the one definition of both)
+from common import environment, peak_bytes, synchronize  # noqa: E402
 
 from stiefel_peft.fisher import ESTIMATORS, estimate_fisher  # noqa: E402
 
@@ -146,17 +144,6 @@ def print_table(result: dict) -> None:
               f"{row['peak_bytes'] / 2**20:.0f} | {row['memory_ratio']:.2f} |")
 
 
-def environment(device: str) -> dict:
-    return {
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if device == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()})",
-        "platform": platform.platform(),
-    }
-
-
 def spearman(first: dict[int, float], second: dict[int, float]) -> float:
     """Spearman rank correlation of two block -> score maps (average ranks on ties)."""
     keys = sorted(first)
@@ -247,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     arguments = sys.argv[1:] if argv is None else argv
     report = {"command": "python benchmarks/fisher.py " + " ".join(arguments),
-              "environment": environment(device), "speed": []}
+              "environment": environment(
+                  device, {"transformers": transformers.__version__, "peft": peft.__version__}),
+              "speed": []}
     for shape in [] if args.no_speed else shape_set(args.quick, device):
         result = bench_shape(shape, device, args.estimators)
         print_table(result)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +21,11 @@ from pathlib import Path
 import geoopt
 import torch
 
-from stiefel_peft.geometry import RETRACTIONS, random_stiefel
-from stiefel_peft.optim import StiefelAdam
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment  # noqa: E402
+
+from stiefel_peft.geometry import RETRACTIONS, random_stiefel  # noqa: E402
+from stiefel_peft.optim import StiefelAdam  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optimizer_step.json"
 
@@ -94,20 +97,6 @@ def measure(shapes, device, repeats: int, steps: int, kinds: list[str]) -> dict[
     return {kind: statistics.median(values) for kind, values in samples.items()}
 
 
-def environment() -> dict[str, object]:
-    info: dict[str, object] = {
-        "torch": torch.__version__,
-        "geoopt": geoopt.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "threads": torch.get_num_threads(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
@@ -149,7 +138,12 @@ def main() -> None:
             f"{row['ratio_vs_adamw']:7.2f} {row['ratio_vs_geoopt']:8.2f}"
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": environment(), "repeats": repeats, "steps": steps, "rows": rows}
+    payload = {
+        "environment": environment(extra={"geoopt": geoopt.__version__}),
+        "repeats": repeats,
+        "steps": steps,
+        "rows": rows,
+    }
     args.output.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.output}")
 

@@ -149,7 +149,9 @@ def run(
 
 def print_result(result: dict) -> None:
     print(
-        f"\n{result['shape']} {result['dtype']} on {result['device']}, batch {result['batch'][0]} x {result['batch'][1]}; FoRA blocks {result['selected_blocks']}"
+        f"\n{result['shape']} {result['dtype']} on {result['device']}, "
+        f"batch {result['batch'][0]} x {result['batch'][1]}; "
+        f"FoRA blocks {result['selected_blocks']}"
     )
     print(
         markdown_table(

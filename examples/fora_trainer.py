@@ -1,6 +1,6 @@
 """FoRA with a plain Hugging Face ``Trainer``.
 
-    python examples/fora_trainer.py            # SmolLM2-135M on Rotten Tomatoes (a few minutes on CPU)
+    python examples/fora_trainer.py     # SmolLM2-135M on Rotten Tomatoes (a few minutes on CPU)
     python examples/fora_trainer.py --fast     # a tiny random Llama on synthetic data (seconds)
 
 1. ``apply_fora`` scores the blocks on a calibration set and adapts the top half.
@@ -91,7 +91,8 @@ def main() -> None:
         args = transformers.TrainingArguments(
             output_dir=output, per_device_train_batch_size=8, gradient_accumulation_steps=2,
             max_steps=arguments.steps or (30 if arguments.fast else 24), max_grad_norm=1.0,
-            logging_steps=5, report_to=[], use_cpu=not torch.cuda.is_available(), save_strategy="no",
+            logging_steps=5, report_to=[], use_cpu=not torch.cuda.is_available(),
+            save_strategy="no",
             disable_tqdm=True,
         )  # fmt: skip
         lr = 1e-2 if arguments.fast else 2e-3

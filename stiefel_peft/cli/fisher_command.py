@@ -35,7 +35,8 @@ def run(arguments: argparse.Namespace) -> dict:
     selected = select_top_blocks(scores.per_block, count)
     top = max(scores.per_block.values()) or 1.0
     print(
-        f"{arguments.estimator} Fisher on {scores.num_examples} examples ({scores.seconds:.1f} s); * = top {count}"
+        f"{arguments.estimator} Fisher on {scores.num_examples} examples "
+        f"({scores.seconds:.1f} s); * = top {count}"
     )
     print("block  score        relative")
     for index in sorted(scores.per_block):

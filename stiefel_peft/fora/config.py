@@ -72,7 +72,8 @@ class FoRAConfig:
         budget = self.budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
             raise ValueError(
-                f"`budget` must be a fraction of blocks in (0, 1], e.g. 0.5 for half; got {budget!r}"
+                "`budget` must be a fraction of blocks in (0, 1], e.g. 0.5 for half; "
+                f"got {budget!r}"
             )
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"`r` must be a positive integer rank, got {self.r!r}")

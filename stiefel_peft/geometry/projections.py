@@ -103,7 +103,8 @@ def inner(
 
     .. math::
         \langle u, v\rangle_e = \mathrm{tr}(u^\top v), \qquad
-        \langle u, v\rangle_c = \mathrm{tr}(u^\top v) - \tfrac12 \mathrm{tr}((x^\top u)^\top x^\top v)
+        \langle u, v\rangle_c = \mathrm{tr}(u^\top v)
+            - \tfrac12 \mathrm{tr}((x^\top u)^\top x^\top v)
 
     Args:
         x, u, v: ``(..., n, p)``, one dtype.

@@ -4,8 +4,8 @@ Two families: the projection transport ``transport(x, y, v)`` (move ``v`` to ``T
 tangent projection, the transport geoopt's EuclideanStiefel uses) and the
 differentiated-retraction transport ``transport_differentiated(x, u, v, retraction)``, which
 is ``d/dt R_x(u + t v)|_{t=0}``, the transport that the retraction itself induces. Closed
-forms exist for ``qr``, ``cayley`` and ``polar``; every other registered retraction is differentiated
-by forward-mode automatic differentiation (``torch.func.jvp``). All O(n p^2).
+forms exist for ``qr``, ``cayley`` and ``polar``; every other registered retraction is
+differentiated by forward-mode automatic differentiation (``torch.func.jvp``). All O(n p^2).
 """
 
 from __future__ import annotations

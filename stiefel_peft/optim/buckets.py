@@ -189,7 +189,11 @@ class Bucket:
             # into the persistent buffer: no allocation per step
             grads = [param.grad for param in self.params]
             if self.single_frames and all(
-                g.dim() == 2 and g.shape[0] >= g.shape[1] and g.dtype == v.dtype and g.shape == v.shape and v.is_contiguous()
+                g.dim() == 2
+                and g.shape[0] >= g.shape[1]
+                and g.dtype == v.dtype
+                and g.shape == v.shape
+                and v.is_contiguous()
                 for g, v in zip(grads, self.grad_views, strict=True)
             ):
                 return torch.stack(grads, out=self.grad_buffer)  # (f, n, p)
