@@ -54,6 +54,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "trainable_parameters": members[0]["trainable_parameters"],
             "steps": members[0]["steps"],
             "train_seconds": statistics.fmean(m["seconds"]["train"] for m in members),
+            "total_seconds": statistics.fmean(m["seconds"]["total"] for m in members),
         }
         for column in COLUMNS:
             row[column] = _mean_std([float(m[column]) for m in members])
@@ -66,8 +67,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "_No results yet._"
     lines = [
-        "| model | task | method | seeds | lr (A / B) | trainable params | before | after | delta | eff. rank | ‖ΔW‖_F | train s |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | task | method | seeds | lr (A / B) | trainable params | before | after | delta | eff. rank | ‖ΔW‖_F | train s | total s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
 
@@ -80,7 +81,93 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {row['model']} | {row['task']} | {row['method']} | {len(row['seeds'])} | {lr} | "
             f"{row['trainable_parameters']:,} | {cell('before', 100)} | {cell('after', 100)} | "
             f"{cell('delta', 100)} | {cell('effective_rank_mean')} | "
-            f"{cell('delta_w_fro_total', digits=3)} | {row['train_seconds']:.0f} |"
+            f"{cell('delta_w_fro_total', digits=3)} | {row['train_seconds']:.0f} | "
+            f"{row['total_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+# The paper's claims as paired differences (same seed = same data order and held-out set):
+# (name, minuend label, subtrahend label) or, for the 2x2 interaction, two such pairs.
+COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    ("FoRA vs LoRA r=32 all (claim 1, half the parameters)", "fora", "lora_r32_all"),
+    ("FoRA vs DoRA r=32 all", "fora", "dora_r32_all"),
+    ("Fisher top half vs half rank (claim 2)", "lora_r32_fisher_top", "lora_r16_all"),
+    ("Fisher top half vs random half", "lora_r32_fisher_top", "lora_r32_random_half"),
+    ("Fisher top half vs bottom half", "lora_r32_fisher_top", "lora_r32_bottom_half"),
+    ("Stiefel B vs AdamW B, all blocks (claim 3)", "stiefel_b_all", "lora_r32_all"),
+    ("Stiefel B vs AdamW B, Fisher half (FoRA vs Fisher only)", "fora", "lora_r32_fisher_top"),
+    ("FoRA init + AdamW vs peft init, all blocks", "lora_r32_all_orthoinit", "lora_r32_all"),
+    ("Stiefel B vs AdamW B, same init, all blocks", "stiefel_b_all", "lora_r32_all_orthoinit"),
+    ("gradient-informed B vs random B (FoRA)", "fora_grad_init", "fora"),
+    ("sampled vs empirical Fisher (FoRA)", "fora_sampled", "fora"),
+    ("per-module vs per-block selection (FoRA)", "fora_module", "fora"),
+)
+INTERACTION = ("fora", "lora_r32_fisher_top", "stiefel_b_all", "lora_r32_all")
+
+
+def paired(
+    results: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Per (model, task): each comparison of :data:`COMPARISONS` (and the 2x2 interaction)
+    as the mean and std over seeds of the per-seed difference of ``after``, with the seeds
+    where the difference is positive. Comparisons missing a method or a seed are left out."""
+    by_key: dict[tuple[str, str], dict[str, dict[int, float]]] = defaultdict(dict)
+    for result in results:
+        methods = by_key[(result["model"], result["task"])]
+        methods.setdefault(result["label"], {})[result["seed"]] = float(result["after"])
+    rows = []
+    for (model, task), methods in sorted(by_key.items()):
+        candidates = [(name, (a, b), None) for name, a, b in COMPARISONS]
+        fora, fisher, stiefel, lora = INTERACTION
+        candidates.append(
+            (
+                "2x2 interaction: (FoRA - Fisher only) - (Stiefel B all - LoRA all) (claim 3, super-additive if > 0)",
+                (fora, fisher),
+                (stiefel, lora),
+            )
+        )
+        for name, first, second in candidates:
+            labels = [*first, *(second or ())]
+            if not all(label in methods for label in labels):
+                continue
+            seeds = sorted(set.intersection(*(set(methods[label]) for label in labels)))
+            if not seeds:
+                continue
+            differences = []
+            for seed in seeds:
+                value = methods[first[0]][seed] - methods[first[1]][seed]
+                if second:
+                    value -= methods[second[0]][seed] - methods[second[1]][seed]
+                differences.append(value)
+            mean, std = _mean_std(differences)
+            wins = sum(d > 0 for d in differences)
+            rows.append(
+                {
+                    "model": model,
+                    "task": task,
+                    "comparison": name,
+                    "seeds": seeds,
+                    "mean": mean,
+                    "std": std,
+                    "positive": wins,
+                }
+            )
+    return rows
+
+
+def paired_markdown(rows: list[dict[str, Any]]) -> str:
+    """The paired differences in points (mean ± std over seeds, seeds where positive)."""
+    if not rows:
+        return ""
+    lines = [
+        "| model | task | comparison | difference (points) | positive in |",
+        "|---|---|---|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['task']} | {row['comparison']} | "
+            f"{100 * row['mean']:+.1f} ± {100 * row['std']:.1f} | {row['positive']}/{len(row['seeds'])} |"
         )
     return "\n".join(lines)
 
@@ -106,12 +193,20 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     arguments = parser.parse_args(argv)
-    table = markdown(summarise(read_results(arguments.folders)))
+    results = read_results(arguments.folders)
+    table = markdown(summarise(results))
+    comparisons = paired_markdown(paired(results))
     note = (
         "Metric in points (accuracy or exact match x 100), mean ± std over seeds; "
         "eff. rank of (alpha/r) B A averaged over adapted layers; ‖ΔW‖_F = sqrt(sum over layers of ‖W′ − W‖_F²)."
     )
     text = f"{note}\n\n{table}"
+    if comparisons:
+        text += (
+            "\n\nPaired by seed (same data order and held-out set): the difference of the "
+            "held-out metric, mean ± std over seeds, and in how many seeds it is positive.\n\n"
+            + comparisons
+        )
     print(text)
     if not arguments.no_write:
         write_between_markers(arguments.docs, text)

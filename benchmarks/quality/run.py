@@ -136,6 +136,7 @@ def write_atomic(path: Path, payload: dict[str, Any]) -> None:
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(json.dumps(payload, indent=2, default=str) + "\n")
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600; results are meant to be shared
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

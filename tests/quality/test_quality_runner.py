@@ -82,7 +82,7 @@ def test_smoke_config_end_to_end_resumes_and_aggregates(tmp_path: Path, monkeypa
     written = docs.read_text()
     assert written.startswith("intro\n") and written.endswith(f"{aggregate.END}\nafter\n")
     assert "old" not in written and text in written
-    assert written.count("| tiny-llama |") == 4
+    assert written.count("| tiny-llama |") == 4 + 2  # 4 runs, then FoRA vs LoRA on each task
 
 
 def test_aggregate_mean_and_std_over_seeds() -> None:
@@ -95,7 +95,7 @@ def test_aggregate_mean_and_std_over_seeds() -> None:
         "stiefel_lr": None,
         "trainable_parameters": 10,
         "steps": 3,
-        "seconds": {"train": 1.0},
+        "seconds": {"train": 1.0, "total": 2.0},
         "before": 0.5,
         "effective_rank_mean": 2.0,
         "delta_w_fro_total": 1.0,
@@ -109,6 +109,33 @@ def test_aggregate_mean_and_std_over_seeds() -> None:
     assert len(rows) == 1 and rows[0]["seeds"] == [0, 1]
     mean, std = rows[0]["after"]
     assert mean == pytest.approx(0.7) and std == pytest.approx(math.sqrt(0.02))
+
+
+def test_paired_comparisons_and_the_interaction_by_seed() -> None:
+    after = {  # label -> after per seed 0, 1, 2 (seed 2 lacks lora_r32_fisher_top)
+        "fora": [0.80, 0.70, 0.90],
+        "lora_r32_all": [0.75, 0.72, 0.80],
+        "lora_r32_fisher_top": [0.70, 0.71],
+        "stiefel_b_all": [0.74, 0.74, 0.81],
+    }
+    results = [
+        {"model": "m", "task": "t", "label": label, "seed": seed, "after": value}
+        for label, values in after.items()
+        for seed, value in enumerate(values)
+    ]
+    rows = {row["comparison"]: row for row in aggregate.paired(results)}
+    first = rows["FoRA vs LoRA r=32 all (claim 1, half the parameters)"]
+    assert first["seeds"] == [0, 1, 2] and first["positive"] == 2
+    assert first["mean"] == pytest.approx((0.05 - 0.02 + 0.10) / 3)
+    interaction = next(row for name, row in rows.items() if name.startswith("2x2"))
+    assert interaction["seeds"] == [0, 1]  # only seeds with all four methods
+    expected = [(0.80 - 0.70) - (0.74 - 0.75), (0.70 - 0.71) - (0.74 - 0.72)]
+    assert interaction["mean"] == pytest.approx(sum(expected) / 2)
+    assert interaction["positive"] == 1
+    assert "FoRA vs DoRA r=32 all" not in rows  # no DoRA results: left out
+    table = aggregate.paired_markdown(aggregate.paired(results))
+    claim = "FoRA vs LoRA r=32 all (claim 1, half the parameters)"
+    assert f"| m | t | {claim} | +4.3 ± 6.0 | 2/3 |" in table
 
 
 def test_effective_rank_matches_a_hand_computation() -> None:
