@@ -5,8 +5,10 @@
 One JSON result per run at ``<results>/<config name>/<model>__<task>__<method>__seed<k>.json``
 (``<method>`` carries an ``-lr...`` suffix when the config sweeps that family's learning
 rates). Results already written are skipped (resumable); each file is written to a temporary
-name and renamed (atomic). Per (model, task) the base model's held-out metric and the Fisher
-scores of the calibration set are computed once and cached under ``<results>/<config>/_cache``.
+name and renamed (atomic). Several workers may run one config at once (one per core or GPU):
+each claims a run with a ``<result>.lock`` file before training it. Per (model, task) the
+base model's held-out metric and the Fisher scores of the calibration set are computed once
+and cached under ``<results>/<config>/_cache``.
 All methods of a seed get the same data in the same order, the same steps and schedule (the
 CLI's: linear warm-up over 10 % of the steps, then sqrt decay; gradient clipping at 1.0).
 """
@@ -141,6 +143,46 @@ def write_atomic(path: Path, payload: dict[str, Any]) -> None:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def claim(path: Path) -> bool:
+    """Take the run whose result is ``path`` for this process: create ``<path>.lock`` (holding
+    our pid) atomically. False when another live process on this machine holds it; a lock left
+    by a dead process is taken over. Lets several workers share one config (one per core or
+    GPU); release with :func:`release`."""
+    lock = path.with_name(path.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _alive(owner):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(handle, "w") as stream:
+            stream.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(path: Path) -> None:
+    """Remove the lock that :func:`claim` made for ``path``."""
+    path.with_name(path.name + ".lock").unlink(missing_ok=True)
 
 
 def schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -333,10 +375,10 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     if arguments.dry_run:
         for run in runs:
             print(("done " if run in done else "todo ") + run.filename())
-        return {"trained": 0, "skipped": len(done), "total": len(runs)}
+        return {"trained": 0, "skipped": len(done), "busy": 0, "total": len(runs)}
     device = resolve_device(arguments.device)
     progress = not arguments.quiet
-    counts = {"trained": 0, "skipped": 0, "total": len(runs)}
+    counts = {"trained": 0, "skipped": 0, "busy": 0, "total": len(runs)}
     bar = tqdm(total=len(runs), disable=not progress, desc=config["name"], unit="run")
     groups: dict[tuple[str, str], Group] = {}
     models = {m["name"]: m for m in config["models"]}
@@ -347,20 +389,31 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
             counts["skipped"] += 1
             bar.update(1)
             continue
-        key = (run.model, run.task)
-        if key not in groups:
-            groups.clear()  # one base model in memory at a time
-            groups[key] = Group(
-                config, models[run.model], tasks[run.task], device, output / "_cache", progress
-            )
-        bar.set_postfix_str(run.filename().removesuffix(".json"))
-        write_atomic(path, run_one(run, groups[key], config, progress))
+        if not claim(path):  # another worker is training it
+            counts["busy"] += 1
+            bar.update(1)
+            continue
+        try:
+            if path.is_file():  # finished by another worker since the listing
+                counts["skipped"] += 1
+                bar.update(1)
+                continue
+            key = (run.model, run.task)
+            if key not in groups:
+                groups.clear()  # one base model in memory at a time
+                groups[key] = Group(
+                    config, models[run.model], tasks[run.task], device, output / "_cache", progress
+                )
+            bar.set_postfix_str(run.filename().removesuffix(".json"))
+            write_atomic(path, run_one(run, groups[key], config, progress))
+        finally:
+            release(path)
         counts["trained"] += 1
         bar.update(1)
     bar.close()
     print(
         f"{config['name']}: {counts['trained']} trained, {counts['skipped']} already done, "
-        f"{counts['total']} runs; results in {output}"
+        f"{counts['busy']} left to other workers, {counts['total']} runs; results in {output}"
     )
     return counts
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,7 @@ def test_smoke_config_end_to_end_resumes_and_aggregates(tmp_path: Path, monkeypa
     counts = run.main(
         [str(CONFIGS / "smoke.json"), "--device", "cpu", "--results", str(results), "--quiet"]
     )
-    assert counts == {"trained": 4, "skipped": 0, "total": 4}
+    assert counts == {"trained": 4, "skipped": 0, "busy": 0, "total": 4}
     files = sorted((results / "smoke").glob("*.json"))
     assert [f.name for f in files] == [
         "tiny-llama__synthetic_first_word__fora__seed0.json",
@@ -72,7 +75,7 @@ def test_smoke_config_end_to_end_resumes_and_aggregates(tmp_path: Path, monkeypa
     again = run.main(
         [str(CONFIGS / "smoke.json"), "--device", "cpu", "--results", str(results), "--quiet"]
     )
-    assert again == {"trained": 0, "skipped": 4, "total": 4}
+    assert again == {"trained": 0, "skipped": 4, "busy": 0, "total": 4}
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert not list((results / "smoke").glob(".*.tmp"))  # atomic writes leave nothing behind
 
@@ -83,6 +86,36 @@ def test_smoke_config_end_to_end_resumes_and_aggregates(tmp_path: Path, monkeypa
     assert written.startswith("intro\n") and written.endswith(f"{aggregate.END}\nafter\n")
     assert "old" not in written and text in written
     assert written.count("| tiny-llama |") == 4 + 2  # 4 runs, then FoRA vs LoRA on each task
+
+
+def test_runs_claimed_by_a_live_worker_are_left_to_it(tmp_path: Path) -> None:
+    config = Path(run.__file__).parent / "configs" / "smoke.json"
+    first, *_ = run.plan(run.load_config(config))
+    path = tmp_path / "smoke" / first.filename()
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text(str(os.getppid()))  # a live process that is not us
+    assert not run.claim(path)
+    counts = run.main([str(config), "--results", str(tmp_path), "--device", "cpu", "--quiet"])
+    assert counts == {"trained": 3, "skipped": 0, "busy": 1, "total": 4}
+    assert not path.exists() and lock.exists()
+    assert not list((tmp_path / "smoke").glob("*__seed0.json.lock"))[1:]  # ours are released
+
+
+def test_a_lock_of_a_dead_worker_is_taken_over(tmp_path: Path) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    path = tmp_path / "result.json"
+    lock = tmp_path / "result.json.lock"
+    lock.write_text(finished.stdout.strip())
+    assert run.claim(path) and lock.read_text() == str(os.getpid())
+    assert run.claim(path)  # our own lock: still ours
+    run.release(path)
+    assert not lock.exists()
 
 
 def test_aggregate_mean_and_std_over_seeds() -> None:
