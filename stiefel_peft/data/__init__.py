@@ -1,5 +1,6 @@
-"""The built-in offline model and data (``assets``), task data from files (``files``) and
-generative classification for causal LMs (``tasks``)."""
+"""The built-in offline model and data (``assets``), task data from files (``files``),
+generative classification for causal LMs (``tasks``, ``scoring``) and the training loss
+(``loss``)."""
 
 from stiefel_peft.data.assets import (
     BUILTIN_DATASETS,
@@ -18,6 +19,7 @@ from stiefel_peft.data.files import (
     read_records,
 )
 from stiefel_peft.data.loss import accepts_logits_to_keep, supervised_loss
+from stiefel_peft.data.scoring import classification_accuracy, label_scores, predict_labels
 from stiefel_peft.data.tasks import (
     DEFAULT_MAX_LENGTH,
     IGNORE_INDEX,
@@ -25,13 +27,10 @@ from stiefel_peft.data.tasks import (
     SENTIMENT_TEMPLATE,
     Encoded,
     TaskCollator,
-    classification_accuracy,
     collate,
     encode_classification,
     encode_prompt_completion,
-    label_scores,
     label_words_for,
-    predict_labels,
     split_examples,
     to_prompt_completion,
 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from stiefel_peft.data.tasks import (
+from stiefel_peft.data import (
     IGNORE_INDEX,
     Encoded,
     TaskCollator,
