@@ -120,19 +120,12 @@ def load_task(
     heldout = int(entry.get("heldout", 300))
     train_examples = entry.get("train_examples")
     eos = tokenizer.eos_token or ""
-    if name == "rotten_tomatoes":
-        train, held = split_examples(load_rotten_tomatoes(), heldout=heldout, seed=split_seed)
-        task = Task(
-            name,
-            "classification",
-            train,
-            held,
-            label_words_for(SENTIMENT_LABEL_NAMES),
-            SENTIMENT_TEMPLATE,
-            max_length,
+    if name in ("rotten_tomatoes", "synthetic_sentiment"):
+        examples = (
+            load_rotten_tomatoes()
+            if name == "rotten_tomatoes"
+            else _synthetic_sentiment(int(entry.get("size", 256)), split_seed)
         )
-    elif name == "synthetic_sentiment":
-        examples = _synthetic_sentiment(int(entry.get("size", 256)), split_seed)
         train, held = split_examples(examples, heldout=heldout, seed=split_seed)
         task = Task(
             name,
