@@ -18,7 +18,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from stiefel_peft.optim import StiefelAdam
-from stiefel_peft.optim.base import orthonormal_tolerance
 from stiefel_peft.optim.buckets import Bucket, frame_shape, oriented_local
 from stiefel_peft.optim.functional import uses_fused_cayley
 
@@ -157,38 +156,28 @@ class ShardedStiefelAdam(StiefelAdam):
         finally:
             self._all_reduce = None
 
-    def _first_step(
-        self,
-        bucket: Bucket,
-        group: dict[str, Any],
-        positions: list[int] | None,
-        index: torch.Tensor | None,
-    ) -> None:
-        all_reduce = self._all_reduce
-        if all_reduce is None:
-            super()._first_step(bucket, group, positions, index)
-            return
-        chosen = list(range(len(bucket.params))) if positions is None else positions
-        stacked = bucket.stack_params(positions)  # local rows (f, n_k, p), parameter dtype
-        errors = sharded_orthogonality_error(stacked.to(bucket.working_dtype), all_reduce)
-        tolerance = orthonormal_tolerance(bucket.dtype, bucket.shape[1])
-        per_param = errors.split([bucket.frames[i] for i in chosen])
-        worst = torch.stack([e.max() for e in per_param]).tolist()  # the one sync
-        for i, error in zip(chosen, worst, strict=True):
-            if not error <= tolerance:
-                param = bucket.params[i]
-                raise ValueError(
-                    f"sharded Stiefel parameter of shape {tuple(param.shape)} ({param.dtype}) in "
-                    f"param group {bucket.group_index} is not orthonormal: ||x^T x - I||_F = "
-                    f"{error:.3g} > {tolerance:.3g}. Orthonormalize it before sharding (or "
-                    "before the first step) with stiefel_peft.geometry.orthonormalize"
-                )
-        if bucket.master is not None:
-            exact = sharded_orthonormalize(stacked.to(torch.float32), all_reduce)
-            if index is None:
-                bucket.master.copy_(exact)
-            else:
-                bucket.master.index_copy_(0, index, exact)
+    def _orthogonality_errors(self, stacked: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+        if self._all_reduce is None:
+            return super()._orthogonality_errors(stacked, bucket)
+        # local rows (f, n_k, p): the p x p Gram is all-reduced
+        return sharded_orthogonality_error(stacked.to(bucket.working_dtype), self._all_reduce)
+
+    def _orthonormalized(self, stacked: torch.Tensor) -> torch.Tensor:
+        if self._all_reduce is None:
+            return super()._orthonormalized(stacked)
+        return sharded_orthonormalize(stacked, self._all_reduce)
+
+    def _not_orthonormal_message(
+        self, param: torch.Tensor, bucket: Bucket, error: float, tolerance: float
+    ) -> str:
+        if self._all_reduce is None:
+            return super()._not_orthonormal_message(param, bucket, error, tolerance)
+        return (
+            f"sharded Stiefel parameter of shape {tuple(param.shape)} ({param.dtype}) in "
+            f"param group {bucket.group_index} is not orthonormal: ||x^T x - I||_F = "
+            f"{error:.3g} > {tolerance:.3g}. Orthonormalize it before sharding (or before "
+            "the first step) with stiefel_peft.geometry.orthonormalize"
+        )
 
     def _update_bucket(
         self,

@@ -285,29 +285,44 @@ class StiefelOptimizer(torch.optim.Optimizer):
         """Check orthonormality (one host sync) and fill the float32 master copies."""
         chosen = list(range(len(bucket.params))) if positions is None else positions
         stacked = bucket.stack_params(positions)  # (f, n, p), parameter dtype
-        errors = orthogonality_error(stacked)  # (f,)
+        errors = self._orthogonality_errors(stacked, bucket)  # (f,)
         tolerance = orthonormal_tolerance(bucket.dtype, bucket.shape[1])
         per_param = errors.split([bucket.frames[i] for i in chosen])
         worst = torch.stack([e.max() for e in per_param]).tolist()  # the one sync
         for i, error in zip(chosen, worst, strict=True):
             if not error <= tolerance:
-                param = bucket.params[i]
-                kind = "columns" if param.shape[-2] >= param.shape[-1] else "rows"
-                fix = "orthonormalize(w)" if kind == "columns" else "orthonormalize(w.mT).mT"
                 raise ValueError(
-                    f"Stiefel parameter of shape {tuple(param.shape)} ({param.dtype}) in param "
-                    f"group {bucket.group_index} does not have orthonormal {kind}: "
-                    f"||x^T x - I||_F = {error:.3g} > {tolerance:.3g}. Put it on the manifold "
-                    f"before the first step with stiefel_peft.geometry.orthonormalize, e.g. "
-                    f"`with torch.no_grad(): w.copy_({fix})`"
+                    self._not_orthonormal_message(bucket.params[i], bucket, error, tolerance)
                 )
         if bucket.master is not None:
             # the master is the polar factor of the rounded parameter: orthonormal in float32
-            exact = orthonormalize(stacked.to(torch.float32))
+            exact = self._orthonormalized(stacked.to(torch.float32))
             if index is None:
                 bucket.master.copy_(exact)
             else:
                 bucket.master.index_copy_(0, index, exact)
+
+    def _orthogonality_errors(self, stacked: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+        """``||x^T x - I||_F`` per frame of ``(f, n, p)``: ``(f,)``. A shard-aware subclass
+        reduces the p x p Gram across ranks."""
+        return orthogonality_error(stacked)
+
+    def _orthonormalized(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The polar factor of each frame of ``(f, n, p)`` (the nearest orthonormal frame)."""
+        return orthonormalize(stacked)
+
+    def _not_orthonormal_message(
+        self, param: torch.Tensor, bucket: Bucket, error: float, tolerance: float
+    ) -> str:
+        kind = "columns" if param.shape[-2] >= param.shape[-1] else "rows"
+        fix = "orthonormalize(w)" if kind == "columns" else "orthonormalize(w.mT).mT"
+        return (
+            f"Stiefel parameter of shape {tuple(param.shape)} ({param.dtype}) in param "
+            f"group {bucket.group_index} does not have orthonormal {kind}: "
+            f"||x^T x - I||_F = {error:.3g} > {tolerance:.3g}. Put it on the manifold "
+            f"before the first step with stiefel_peft.geometry.orthonormalize, e.g. "
+            f"`with torch.no_grad(): w.copy_({fix})`"
+        )
 
     # --- state ------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
