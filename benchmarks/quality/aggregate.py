@@ -23,6 +23,30 @@ BEGIN, END = "<!-- quality-results:begin -->", "<!-- quality-results:end -->"
 COLUMNS = ("before", "after", "delta", "effective_rank_mean", "delta_w_fro_total")
 
 
+# Table order: the paper's methods, then the control and the variants; other labels after.
+METHOD_ORDER = (
+    "lora_r32_all",
+    "lora_r16_all",
+    "lora_r32_fisher_top",
+    "lora_r32_random_half",
+    "lora_r32_bottom_half",
+    "stiefel_b_all",
+    "fora",
+    "dora_r32_all",
+    "lora_r32_all_orthoinit",
+    "fora_grad_init",
+    "fora_sampled",
+    "fora_module",
+)
+
+
+def _order(key: tuple[str, str, str]) -> tuple[str, str, int, str]:
+    model, task, label = key
+    method = label.split("-lr")[0]
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return (model, task, rank, label)
+
+
 def read_results(folders: list[Path]) -> list[dict[str, Any]]:
     """Every result JSON directly in ``folders`` (the ``_cache`` folder is not read)."""
     return [
@@ -42,7 +66,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for result in results:
         groups[(result["model"], result["task"], result["label"])].append(result)
     rows = []
-    for (model, task, label), members in sorted(groups.items()):
+    for (model, task, label), members in sorted(groups.items(), key=lambda i: _order(i[0])):
         row: dict[str, Any] = {
             "model": model,
             "task": task,
