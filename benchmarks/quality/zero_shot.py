@@ -1,4 +1,4 @@
-"""Zero-shot check of candidate reasoning_gym tasks on the real model (NOT YET RUN).
+"""Zero-shot check of candidate reasoning_gym tasks on the real model (run: docs/results.md).
 
     pip install reasoning-gym==0.1.25          # not part of the install path
     python benchmarks/quality/zero_shot.py [--model smollm2-135m] [--heldout 300] [--device cpu]
