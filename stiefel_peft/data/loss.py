@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "accepts_logits_to_keep", "supervised_loss"]
+__all__ = ["IGNORE_INDEX", "accepts_logits_to_keep", "supervised_logits", "supervised_loss"]
 
 IGNORE_INDEX = -100
 
@@ -28,24 +28,20 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def supervised_loss(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """Mean next-token cross entropy over the supervised tokens, as ``model(**batch).loss``.
+def supervised_logits(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The logits at the supervised columns and their targets: ``(B, C, V)`` and ``(B, C)``.
 
-    .. math:: L = \\frac{1}{|S|} \\sum_{(b, t) \\in S} -\\log p(y_{b, t+1} \\mid x_{b, \\le t}),
-              \\quad S = \\{(b, t) : y_{b, t+1} \\ne -100\\}
-
-    Only the columns ``C = {t : some row has (b, t) in S}`` are projected onto the vocabulary
-    (cost ``B |C| h V`` instead of ``B T h V``); the logits are upcast to float32 for the loss.
-    A model whose forward has no ``logits_to_keep`` gets the full projection (same value).
+    ``C = {t : some row supervises token t + 1}``; only those columns are projected onto the
+    vocabulary (``logits_to_keep`` as an index tensor, cost ``B |C| h V`` instead of
+    ``B T h V``). Targets are ``labels[:, t + 1]`` (``-100`` where that row supervises
+    nothing). A model whose forward has no ``logits_to_keep`` gets the full projection,
+    then the columns are indexed (same values). Logits keep the model's dtype.
 
     Args:
         model: a causal LM (or a peft model around one) taking ``input_ids``,
             ``attention_mask`` and returning ``.logits`` of shape ``(B, T, V)``.
         batch: ``input_ids`` and ``labels`` ``(B, T)`` long, ``attention_mask`` optional;
             ``labels`` use ``-100`` for unsupervised positions, unshifted (HF convention).
-
-    Returns:
-        A scalar tensor (float32, or the logits' dtype if wider) with the autograd graph.
 
     Raises:
         ValueError: ``labels`` missing, shaped unlike ``input_ids``, or with no supervised token
@@ -68,8 +64,29 @@ def supervised_loss(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tens
         logits = model(**inputs, logits_to_keep=columns).logits  # (B, C, V)
     else:
         logits = model(**inputs).logits[:, columns]
-    kept = targets[:, columns]  # (B, C)
+    return logits, targets[:, columns]
+
+
+def supervised_loss(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """Mean next-token cross entropy over the supervised tokens, as ``model(**batch).loss``.
+
+    .. math:: L = \\frac{1}{|S|} \\sum_{(b, t) \\in S} -\\log p(y_{b, t+1} \\mid x_{b, \\le t}),
+              \\quad S = \\{(b, t) : y_{b, t+1} \\ne -100\\}
+
+    The logits come from :func:`supervised_logits` (only the supervised columns are projected
+    onto the vocabulary) and are upcast to float32 for the loss.
+
+    Args:
+        model, batch: as :func:`supervised_logits`.
+
+    Returns:
+        A scalar tensor (float32, or the logits' dtype if wider) with the autograd graph.
+
+    Raises:
+        ValueError: as :func:`supervised_logits`.
+    """
+    logits, targets = supervised_logits(model, batch)  # (B, C, V), (B, C)
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), kept.reshape(-1), ignore_index=IGNORE_INDEX
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )

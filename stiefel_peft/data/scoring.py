@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stiefel_peft.data.loss import IGNORE_INDEX, accepts_logits_to_keep
+from stiefel_peft.data.loss import IGNORE_INDEX, accepts_logits_to_keep, supervised_logits
 from stiefel_peft.data.tasks import (
     DEFAULT_MAX_LENGTH,
     SENTIMENT_TEMPLATE,
@@ -38,12 +38,10 @@ def _single_token_ids(
 
 def _answer_log_probs(model: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
     """Sum over answer tokens of log p(token | prefix), per row: (B,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # Position t predicts token t + 1: (B, L - 1, V) against targets (B, L - 1).
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = batch["labels"][:, 1:]
+    logits, targets = supervised_logits(model, batch)  # (B, C, V), (B, C): answer columns only
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
     supervised = targets != IGNORE_INDEX
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, L - 1)
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, C)
     return (picked * supervised).sum(dim=-1)
 
 

@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from stiefel_peft.data import IGNORE_INDEX, accepts_logits_to_keep, supervised_loss
+from stiefel_peft.data.loss import supervised_logits
 from tests.tiny_models import TINY_MODELS
 
 CAUSAL = [case for case in TINY_MODELS if case.task == "causal_lm"]
@@ -56,6 +57,17 @@ def test_projects_only_the_supervised_columns() -> None:
     columns = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum().item()
     assert seen == [torch.Size([4, columns, head.out_features])]
     assert columns < 9
+
+
+def test_supervised_logits_are_the_full_logits_at_the_supervised_columns() -> None:
+    case = CAUSAL[0]
+    model = case.build(seed=0, dtype=torch.float64)
+    batch = sparse_labels(case.make_batch(batch_size=4, seq_len=10, seed=1))
+    logits, targets = supervised_logits(model, batch)
+    columns = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(logits, full[:, columns])
+    torch.testing.assert_close(targets, batch["labels"][:, 1:][:, columns])
 
 
 def test_works_through_peft_and_dtype_of_half_models() -> None:
