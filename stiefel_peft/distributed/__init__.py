@@ -1,7 +1,8 @@
 """Data-parallel (DDP) and sharded (FSDP2 / DTensor) training support.
 
 - :class:`ShardedStiefelAdam`: ``StiefelAdam`` that steps DTensor Stiefel factors sharded along
-  their long dimension with p x p all-reduces only (:mod:`.functional`), never a gather.
+  their long dimension with p x p all-reduces only (the same functional step, given a
+  reduction: :mod:`stiefel_peft.optim.functional`), never a gather.
 - :func:`stiefel_shard_placement`: a ``shard_placement_fn`` for ``fully_shard`` that shards
   wide Stiefel factors (FoRA's ``lora_A``) along their long dimension.
 - :func:`default_process_group`: the group ``apply_fora`` reduces Fisher scores over.
@@ -18,12 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .functional import (
-    reduced_products,
-    sharded_orthogonality_error,
-    sharded_orthonormalize,
-    sharded_stiefel_adam_update,
-)
 from .optimizer import ShardedStiefelAdam, frame_all_reduce, stiefel_shard_placement
 
 __all__ = [
@@ -31,10 +26,6 @@ __all__ = [
     "default_process_group",
     "frame_all_reduce",
     "is_sharded",
-    "reduced_products",
-    "sharded_orthogonality_error",
-    "sharded_orthonormalize",
-    "sharded_stiefel_adam_update",
     "stiefel_shard_placement",
 ]
 

@@ -2,9 +2,10 @@
 
 Plain-tensor parameters (and every Euclidean group) are stepped exactly as by
 :class:`~stiefel_peft.optim.StiefelAdam`. A Stiefel parameter that is a
-``torch.distributed.tensor.DTensor`` is stepped on its local rows with
-:func:`~stiefel_peft.distributed.functional.sharded_stiefel_adam_update`: p x p all-reduces over
-the mesh dimensions that shard it, never a gather. See ``docs/distributed.md``.
+``torch.distributed.tensor.DTensor`` is stepped on its local rows by the same functional step
+(:func:`~stiefel_peft.optim.functional.stiefel_adam_update`) with a reduction: p x p
+all-reduces over the mesh dimensions that shard it, never a gather. This module only adds the
+placement checks and that reduction. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -18,15 +19,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from stiefel_peft.optim import StiefelAdam
-from stiefel_peft.optim.buckets import Bucket, frame_shape, oriented_local
-from stiefel_peft.optim.functional import uses_fused_cayley
-
-from .functional import (
-    AllReduce,
-    sharded_orthogonality_error,
-    sharded_orthonormalize,
-    sharded_stiefel_adam_update,
-)
+from stiefel_peft.optim.buckets import frame_shape, oriented_local
+from stiefel_peft.optim.checks import is_constrained
+from stiefel_peft.optim.functional import Reduce, uses_fused_cayley
 
 __all__ = ["ShardedStiefelAdam", "frame_all_reduce", "stiefel_shard_placement"]
 
@@ -62,7 +57,7 @@ def _shard_mesh_dims(param: DTensor) -> list[int]:
     return dims
 
 
-def frame_all_reduce(param: torch.Tensor) -> AllReduce | None:
+def frame_all_reduce(param: torch.Tensor) -> Reduce | None:
     """The in-place SUM over the processes that share ``param``'s frames; None if not a DTensor.
 
     Sums over the process group of every mesh dimension that shards the long dimension (one
@@ -104,30 +99,36 @@ def stiefel_shard_placement(
 class ShardedStiefelAdam(StiefelAdam):
     r""":class:`~stiefel_peft.optim.StiefelAdam` that also steps DTensor Stiefel parameters.
 
-    Same arguments, state layout and equations as ``StiefelAdam``. A Stiefel parameter that is
-    a DTensor must be sharded along its long dimension (``Shard(0)`` for a tall ``(n, p)``
-    factor such as FoRA's ``lora_B`` under FSDP2's default placement, ``Shard(1)`` for a wide
-    one, see :func:`stiefel_shard_placement`) or replicated, on any mesh dimensions. Its step
-    runs on the local rows with one all-reduce of p x p products per phase
-    (:mod:`stiefel_peft.distributed.functional`); its optimizer state holds plain tensors of
-    the local rows (a per-matrix second moment is replicated).
+    Same arguments, state layout, equations and checks as ``StiefelAdam``. A Stiefel
+    parameter that is a DTensor must be sharded along its long dimension (``Shard(0)`` for a
+    tall ``(n, p)`` factor such as FoRA's ``lora_B`` under FSDP2's default placement,
+    ``Shard(1)`` for a wide one, see :func:`stiefel_shard_placement`) or replicated, on any
+    mesh dimensions. Its step runs on the local rows with one all-reduce of p x p products
+    per phase; its optimizer state holds plain tensors of the local rows (a per-matrix second
+    moment is replicated).
 
     Every process must call ``step()`` with the same parameters having gradients (as FSDP
     guarantees), since the collectives are issued per bucket.
 
     Raises:
         ValueError: as ``StiefelAdam``; for a DTensor Stiefel parameter with another placement
-            (named, with the fix), or in a group whose ``retraction`` is not the package's
-            ``"cayley"`` (the only retraction with a sharded form here).
+            (named, with the fix), a gradient placed unlike its parameter, or in a group whose
+            ``retraction`` is not the package's ``"cayley"`` (the only retraction with a
+            sharded form here).
     """
-
-    _all_reduce: AllReduce | None = None
 
     def _check_distributed(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         if not isinstance(param, DTensor):
             return
         _shard_mesh_dims(param)
         _check_retraction(group, param)
+        grad = param.grad
+        if grad is not None and tuple(grad.placements) != tuple(param.placements):
+            raise ValueError(
+                f"the gradient of the DTensor parameter of shape {tuple(param.shape)} has "
+                f"placements {tuple(grad.placements)}, the parameter {tuple(param.placements)}; "
+                "they must match"
+            )
 
     def _bucket_key(self, param: torch.Tensor) -> tuple[Any, ...]:
         if not isinstance(param, DTensor):
@@ -136,76 +137,18 @@ class ShardedStiefelAdam(StiefelAdam):
         return (frame_shape(param), local_shape, param.dtype, param.device,
                 param.device_mesh, tuple(param.placements))  # fmt: skip
 
-    def _step_positions(
-        self, bucket: Bucket, group: dict[str, Any], positions: list[int] | None, step: int
-    ) -> None:
-        first = bucket.params[0]
-        self._all_reduce = frame_all_reduce(first)
-        if self._all_reduce is not None:
-            _check_retraction(group, first)
-            for param in bucket.params:
-                grad = param.grad
-                if grad is not None and tuple(grad.placements) != tuple(param.placements):
-                    raise ValueError(
-                        f"the gradient of the DTensor parameter of shape {tuple(param.shape)} "
-                        f"has placements {tuple(grad.placements)}, the parameter "
-                        f"{tuple(param.placements)}; they must match"
-                    )
-        try:
-            super()._step_positions(bucket, group, positions, step)
-        finally:
-            self._all_reduce = None
+    def _frame_reduce(self, param: torch.Tensor) -> Reduce | None:
+        return frame_all_reduce(param)
 
-    def _orthogonality_errors(self, stacked: torch.Tensor, bucket: Bucket) -> torch.Tensor:
-        if self._all_reduce is None:
-            return super()._orthogonality_errors(stacked, bucket)
-        # local rows (f, n_k, p): the p x p Gram is all-reduced
-        return sharded_orthogonality_error(stacked.to(bucket.working_dtype), self._all_reduce)
-
-    def _orthonormalized(self, stacked: torch.Tensor) -> torch.Tensor:
-        if self._all_reduce is None:
-            return super()._orthonormalized(stacked)
-        return sharded_orthonormalize(stacked, self._all_reduce)
-
-    def _not_orthonormal_message(
-        self, param: torch.Tensor, bucket: Bucket, error: float, tolerance: float
-    ) -> str:
-        if self._all_reduce is None:
-            return super()._not_orthonormal_message(param, bucket, error, tolerance)
-        return (
-            f"sharded Stiefel parameter of shape {tuple(param.shape)} ({param.dtype}) in "
-            f"param group {bucket.group_index} is not orthonormal: ||x^T x - I||_F = "
-            f"{error:.3g} > {tolerance:.3g}. Orthonormalize it before sharding (or before "
-            "the first step) with stiefel_peft.geometry.orthonormalize"
-        )
-
-    def _update_bucket(
-        self,
-        x: torch.Tensor,
-        grad: torch.Tensor,
-        state: dict[str, torch.Tensor],
-        group: dict[str, Any],
-        step: int,
-        correct_drift: bool,
-    ) -> torch.Tensor:
-        if self._all_reduce is None:
-            return super()._update_bucket(x, grad, state, group, step, correct_drift)
-        beta1, beta2 = group["betas"]
-        return sharded_stiefel_adam_update(
-            x,
-            grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            step=step,
-            second_moment=group["second_moment"],
-            correct_drift=correct_drift,
-            maximize=group["maximize"],
-            all_reduce=self._all_reduce,
-        )
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """As ``StiefelAdam.step``; first re-checks the placements of DTensor factors and
+        their gradients (host-side only)."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if isinstance(param, DTensor) and is_constrained(param, group):
+                    self._check_distributed(param, group)
+        return super().step(closure)
 
 
 def _check_retraction(group: dict[str, Any], param: torch.Tensor) -> None:

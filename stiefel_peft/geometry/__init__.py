@@ -7,10 +7,12 @@ See ``docs/geometry.md``.
 """
 
 from .frames import orthogonality_error, orthonormalize, random_stiefel
+from .kernels import cayley_coefficients, cayley_coefficients_orthonormal, newton_schulz_factor
 from .manifold import Stiefel
 from .projections import METRICS, inner, project_tangent, riemannian_gradient, skew, sym
 from .retractions import (
     RETRACTIONS,
+    approximation_tolerance,
     register_retraction,
     retract,
     retract_cayley,
@@ -26,7 +28,11 @@ __all__ = [
     "METRICS",
     "RETRACTIONS",
     "Stiefel",
+    "approximation_tolerance",
+    "cayley_coefficients",
+    "cayley_coefficients_orthonormal",
     "inner",
+    "newton_schulz_factor",
     "orthogonality_error",
     "orthonormalize",
     "project_tangent",

@@ -42,18 +42,33 @@ def check_frame(x: torch.Tensor, name: str = "x") -> None:
 
 
 def check_like(x: torch.Tensor, v: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` unless ``v`` has the same shape and dtype as the frame ``x``."""
+    """Raise ``ValueError`` unless ``v`` fits the frame ``x``: same dtype, same trailing
+    ``(n, p)``, and leading (batch) dimensions that broadcast against ``x``'s as torch does
+    (``(4, n, p)`` with ``(n, p)``, ``(3, 1, n, p)`` with ``(5, n, p)``)."""
     if not isinstance(v, torch.Tensor):
         raise ValueError(f"`{name}` must be a torch.Tensor, got {type(v).__name__}")
-    if v.shape != x.shape:
+    if v.dim() < 2 or v.shape[-2:] != x.shape[-2:]:
         raise ValueError(
-            f"`{name}` must have the same shape as `x` {tuple(x.shape)}, got {tuple(v.shape)}"
+            f"`{name}` must have the matrix shape (n, p) = {tuple(x.shape[-2:])} of `x` "
+            f"{tuple(x.shape)}, got {tuple(v.shape)}"
         )
+    try:
+        torch.broadcast_shapes(x.shape, v.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"`{name}` of shape {tuple(v.shape)} does not broadcast against `x` of shape "
+            f"{tuple(x.shape)} (leading dimensions must be equal or 1)"
+        ) from None
     if v.dtype != x.dtype:
         raise ValueError(
             f"`{name}` must have the same dtype as `x` ({x.dtype}), got {v.dtype}; convert "
             f"it with `{name}.to(x.dtype)`"
         )
+
+
+def broadcast_frames(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors expanded to their common shape (views, no copy): torch.broadcast_tensors."""
+    return tuple(torch.broadcast_tensors(*tensors))
 
 
 def identity_like(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import geoopt
 import torch
 
-from ._validation import check_frame, check_like, working_dtype
+from ._validation import broadcast_frames, check_frame, check_like, working_dtype
 from .frames import orthogonality_error, orthonormalize, random_stiefel
 from .projections import check_metric, inner, project_tangent, riemannian_gradient, sym
 from .retractions import check_retraction, geodesic_canonical, retract, retract_exp
@@ -28,6 +28,16 @@ class Stiefel(geoopt.manifolds.Manifold):
             ``retr`` (and so by geoopt's optimizers). Default ``"cayley"`` (exact, O(n p^2)).
         metric: ``"euclidean"`` (``<u, v> = tr(u^T v)``) or ``"canonical"``
             (``tr(u^T (I - x x^T / 2) v)``). It sets ``egrad2rgrad``, ``inner`` and ``expmap``.
+
+    Every method broadcasts its arguments' leading dimensions as torch and geoopt do
+    (``proju(x of shape (4, n, p), u of shape (n, p))`` is ``(4, n, p)``).
+
+    One convention differs from geoopt's ``CanonicalStiefel``: ``proju`` is always the
+    orthogonal projection of the embedding, ``u - x sym(x^T u)`` (the identity on tangent
+    vectors), for both metrics. geoopt's canonical manifold uses ``u - x u^T x`` there, which
+    is the canonical metric's gradient conversion (our ``egrad2rgrad`` with
+    ``metric="canonical"``) and moves tangent vectors. The canonical metric enters here
+    through ``egrad2rgrad``, ``inner`` and ``expmap``.
 
     Raises:
         ValueError: on an unknown retraction or metric.
@@ -84,7 +94,7 @@ class Stiefel(geoopt.manifolds.Manifold):
         check_frame(x, "x")
         check_like(x, u, "u")
         dtype = working_dtype(x.dtype)
-        return geodesic_canonical(x.to(dtype), u.to(dtype)).to(x.dtype)
+        return geodesic_canonical(*broadcast_frames(x.to(dtype), u.to(dtype))).to(x.dtype)
 
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Projection transport of ``v`` from ``T_x`` to ``T_y``. Cost: O(n p^2)."""

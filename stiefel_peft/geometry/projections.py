@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from ._validation import check_frame, check_like, working_dtype
+from ._validation import broadcast_frames, check_frame, check_like, working_dtype
 
 Metric = Literal["euclidean", "canonical"]
 METRICS: tuple[str, ...] = ("euclidean", "canonical")
@@ -107,18 +107,19 @@ def inner(
             - \tfrac12 \mathrm{tr}((x^\top u)^\top x^\top v)
 
     Args:
-        x, u, v: ``(..., n, p)``, one dtype.
+        x, u, v: ``(..., n, p)``, one dtype; leading dimensions broadcast.
         metric: ``"euclidean"`` or ``"canonical"``.
 
     Returns:
-        ``(...)`` tensor in the working dtype (float32 for half inputs). Cost: O(n p^2).
+        ``(...)`` tensor (the broadcast batch shape) in the working dtype (float32 for half
+        inputs). Cost: O(n p^2).
     """
     check_metric(metric)
     check_frame(x, "x")
     check_like(x, u, "u")
     check_like(x, v, "v")
     dtype = working_dtype(x.dtype)
-    x, u, v = x.to(dtype), u.to(dtype), v.to(dtype)
+    x, u, v = broadcast_frames(x.to(dtype), u.to(dtype), v.to(dtype))
     value = (u * v).sum((-2, -1))
     if metric == "canonical":
         value = value - 0.5 * ((x.mT @ u) * (x.mT @ v)).sum((-2, -1))

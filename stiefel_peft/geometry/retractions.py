@@ -12,11 +12,13 @@ the geoopt manifold, the benchmarks) then accepts the new name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
-from ._validation import check_frame, check_like, identity_like, working_dtype
+from ._validation import broadcast_frames, check_frame, check_like, identity_like, working_dtype
+from .kernels import cayley_coefficients
 from .projections import skew
 
 Retraction = Callable[..., torch.Tensor]
@@ -62,7 +64,41 @@ def _apply(kernel: Retraction, x: torch.Tensor, v: torch.Tensor, **options: obje
     check_frame(x, "x")
     check_like(x, v, "v")
     dtype = working_dtype(x.dtype)
-    return kernel(x.to(dtype), v.to(dtype), **options).to(x.dtype)
+    x_w, v_w = broadcast_frames(x.to(dtype), v.to(dtype))
+    return kernel(x_w, v_w, **options).to(x.dtype)
+
+
+def approximation_tolerance(dtype: torch.dtype, p: int) -> float:
+    """Default acceptance bound of the approximate retractions on ``||y^T y - x^T x||_F``:
+    ``64 eps(dtype) sqrt(p)`` (about 4e-5 in float32 and 7e-14 in float64 at p = 32)."""
+    return 64.0 * torch.finfo(dtype).eps * math.sqrt(p)
+
+
+def _check_tolerance(tolerance: float | None, x: torch.Tensor) -> float:
+    if tolerance is None:
+        return approximation_tolerance(x.dtype, x.shape[-1])
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(
+            f"`tolerance` must be a positive number (or None for the default), got {tolerance!r}"
+        )
+    return float(tolerance)
+
+
+def _accept_or_fall_back(
+    approximate: torch.Tensor,
+    error: torch.Tensor,
+    tolerance: float,
+    exact: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """Keep ``approximate`` where ``error <= tolerance``; elsewhere take ``exact()``.
+
+    ``error``: ``(...)``, one value per frame (NaN counts as too large). One host sync; the
+    exact map runs (on the whole batch) only when some frame fails.
+    """
+    failed = ~(error <= tolerance)  # (...): NaN fails too
+    if not bool(failed.any()):  # the acceptance check: one host sync
+        return approximate
+    return torch.where(failed[..., None, None], exact(), approximate)
 
 
 def retract(
@@ -131,22 +167,10 @@ def cayley_factors(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _cayley(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # The 2p x 2p system is assembled from p x p blocks (V^T U = [[a, g], [-s, -a^T]] with
-    # a = x^T P v, g = x^T x, s = (P v)^T P v) so the n-long products cost 6 n p^2 in all.
-    # g is computed, not assumed to be I, so that y = Q x holds exactly for the given x.
-    p = x.shape[-1]
-    xtv = x.mT @ v  # (..., p, p)
-    gram = x.mT @ x  # (..., p, p)
-    projected = v - 0.5 * (x @ xtv)  # P v: (..., n, p)
-    a = xtv - 0.5 * (gram @ xtv)  # x^T P v: (..., p, p)
-    s = projected.mT @ projected  # (..., p, p)
-    system = torch.cat(
-        [torch.cat([a, gram], dim=-1), torch.cat([-s, -a.mT], dim=-1)], dim=-2
-    )  # V^T U: (..., 2p, 2p)
-    system = identity_like(x, 2 * p) - 0.5 * system
-    right_side = torch.cat([gram, -a.mT], dim=-2)  # V^T x: (..., 2p, p)
-    solution = torch.linalg.solve(system, right_side)  # (..., 2p, p)
-    return x + projected @ solution[..., :p, :] + x @ solution[..., p:, :]
+    # y = x C1 + v C2 with p x p coefficients from G = x^T x, B = x^T v, S = v^T v (5 n p^2).
+    # G is computed, not assumed to be I, so that y = Q x holds exactly for the given x.
+    c1, c2 = cayley_coefficients(x.mT @ x, x.mT @ v, v.mT @ v)
+    return x @ c1 + v @ c2
 
 
 @register_retraction("cayley")
@@ -168,9 +192,12 @@ def retract_cayley(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _apply(_cayley, x, v)
 
 
-def _cayley_iterative(x: torch.Tensor, v: torch.Tensor, iterations: int = 2) -> torch.Tensor:
-    if not isinstance(iterations, int) or iterations < 1:
+def _cayley_iterative(
+    x: torch.Tensor, v: torch.Tensor, iterations: int = 2, tolerance: float | None = None
+) -> torch.Tensor:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"`iterations` must be an integer >= 1, got {iterations!r}")
+    limit = _check_tolerance(tolerance, x)
     projected = v - 0.5 * (x @ (x.mT @ v))  # P v: (..., n, p)
 
     def apply_w(z: torch.Tensor) -> torch.Tensor:
@@ -180,24 +207,37 @@ def _cayley_iterative(x: torch.Tensor, v: torch.Tensor, iterations: int = 2) -> 
     y = x + apply_w(x)
     for _ in range(iterations):
         y = x + 0.5 * apply_w(x + y)
-    return y
+    # The exact Cayley point keeps x^T x; how far y is from doing so is its error.
+    error = torch.linalg.matrix_norm(y.mT @ y - x.mT @ x)  # (...)
+    return _accept_or_fall_back(y, error, limit, lambda: _cayley(x, v))
 
 
 @register_retraction("cayley_iterative")
-def retract_cayley_iterative(x: torch.Tensor, v: torch.Tensor, iterations: int = 2) -> torch.Tensor:
+def retract_cayley_iterative(
+    x: torch.Tensor, v: torch.Tensor, iterations: int = 2, tolerance: float | None = None
+) -> torch.Tensor:
     r"""Cayley retraction by the fixed-point iteration of Li, Fuxin & Todorovic (ICLR 2020).
 
     .. math:: y_0 = x + W x, \qquad y_{k+1} = x + \tfrac12 W (x + y_k)
 
     converges to the exact Cayley point when ``||W||_2 < 2``, with error shrinking by about
-    ``||W||_2 / 2`` per iteration; ``W`` is applied as ``U (V^T z)``. Approximate: with the
-    default 2 iterations, ``||y^T y - I||_F <= 1e-6`` in float64 for ``||v||_F <= 1e-2``.
+    ``||W||_2 / 2`` per iteration; ``W`` is applied as ``U (V^T z)``. Approximate, so every
+    result is checked: a frame with ``||y^T y - x^T x||_F > tolerance`` (the exact map keeps
+    ``x^T x``) is replaced by the exact :func:`retract_cayley`, so a step outside the
+    iteration's convergence region never leaves the manifold. With the default 2 iterations
+    the check passes for ``||v||_F`` up to about 1e-3 (float64) or 1e-1 (float32).
 
-    Args: ``x``, ``v``: ``(..., n, p)``; ``iterations`` >= 1. Returns ``(..., n, p)``.
-    Cost: O(n p^2) per iteration, matmul only.
+    Args:
+        x, v: ``(..., n, p)``; leading dimensions broadcast.
+        iterations: fixed-point iterations, >= 1.
+        tolerance: acceptance bound on ``||y^T y - x^T x||_F`` (None: 64 eps sqrt(p) of the
+            working dtype, :func:`approximation_tolerance`).
+
+    Returns ``(..., n, p)``. Cost: O(n p^2) per iteration, matmul only, plus the check (one
+    host sync) and, for a failed frame, the exact map.
     Raises ``ValueError`` on bad input.
     """
-    return _apply(_cayley_iterative, x, v, iterations=iterations)
+    return _apply(_cayley_iterative, x, v, iterations=iterations, tolerance=tolerance)
 
 
 # --- Polar ------------------------------------------------------------------------------
@@ -239,29 +279,46 @@ def inverse_sqrt_newton_schulz(gram: torch.Tensor, steps: int) -> torch.Tensor:
     return z / scale.sqrt()[..., None, None]
 
 
-def _polar_newton_schulz(x: torch.Tensor, v: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    if not isinstance(steps, int) or steps < 1:
+def _polar_newton_schulz(
+    x: torch.Tensor, v: torch.Tensor, steps: int = 5, tolerance: float | None = None
+) -> torch.Tensor:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")
+    limit = _check_tolerance(tolerance, x)
     a = x + v
-    return a @ inverse_sqrt_newton_schulz(a.mT @ a, steps)  # (..., n, p) @ (..., p, p)
+    gram = a.mT @ a  # (..., p, p)
+    inverse_root = inverse_sqrt_newton_schulz(gram, steps)  # Z ~ G^{-1/2}: (..., p, p)
+    # (a Z)^T (a Z) = Z G Z: the result's orthonormality error from p x p products alone
+    identity = identity_like(x, x.shape[-1])
+    error = torch.linalg.matrix_norm(inverse_root.mT @ gram @ inverse_root - identity)
+    return _accept_or_fall_back(a @ inverse_root, error, limit, lambda: _polar(x, v))
 
 
 @register_retraction("polar_newton_schulz")
-def retract_polar_newton_schulz(x: torch.Tensor, v: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    r"""Polar retraction by Newton-Schulz, matmul only (no SVD, QR or solve).
+def retract_polar_newton_schulz(
+    x: torch.Tensor, v: torch.Tensor, steps: int = 5, tolerance: float | None = None
+) -> torch.Tensor:
+    r"""Polar retraction by Newton-Schulz, matmul only (no SVD, QR or solve) when it converges.
 
     .. math:: R_x(v) \approx (x + v)\, G^{-1/2}, \qquad G = (x+v)^\top (x+v)
 
     with ``G^{-1/2}`` from :func:`inverse_sqrt_newton_schulz`. For tangent ``v``,
-    ``G = I + v^T v``, so a few steps suffice: with the default 5 steps,
-    ``||y^T y - I||_F <= 1e-6`` in float64 for ``||v||_F <= 1e-2`` (and far beyond). For a
-    badly conditioned ``x + v`` raise ``steps`` or use ``polar``.
+    ``G = I + v^T v``, so a few steps suffice for small steps. Every result is checked from
+    p x p products (``||Z G Z - I||_F`` with ``Z`` the computed ``G^{-1/2}``): a frame above
+    ``tolerance`` (a large or badly conditioned step, where the iteration has not converged)
+    is replaced by the SVD-based :func:`retract_polar`, so it never leaves the manifold.
 
-    Args: ``x``, ``v``: ``(..., n, p)``; ``steps`` >= 1. Returns ``(..., n, p)``.
-    Cost: O(n p^2) for the Gram matrix and the final product, O(p^3) per step.
+    Args:
+        x, v: ``(..., n, p)``; leading dimensions broadcast.
+        steps: Newton-Schulz steps, >= 1.
+        tolerance: acceptance bound on ``||y^T y - I||_F`` (None: 64 eps sqrt(p) of the
+            working dtype, :func:`approximation_tolerance`).
+
+    Returns ``(..., n, p)``. Cost: O(n p^2) for the Gram matrix and the final product,
+    O(p^3) per step, the check (one host sync) and, for a failed frame, the SVD polar map.
     Raises ``ValueError`` on bad input.
     """
-    return _apply(_polar_newton_schulz, x, v, steps=steps)
+    return _apply(_polar_newton_schulz, x, v, steps=steps, tolerance=tolerance)
 
 
 # --- Exponential map (Euclidean metric) -------------------------------------------------

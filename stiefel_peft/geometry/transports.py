@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_frame, check_like, identity_like, working_dtype
+from ._validation import broadcast_frames, check_frame, check_like, identity_like, working_dtype
 from .projections import _project_tangent
 from .retractions import cayley_factors, check_retraction, qr_positive
 
@@ -97,7 +97,8 @@ def transport_differentiated(
 
     Args:
         x: ``(..., n, p)`` point. u: ``(..., n, p)`` tangent at ``x`` (the step).
-        v: ``(..., n, p)`` tangent at ``x`` (the vector to move).
+        v: ``(..., n, p)`` tangent at ``x`` (the vector to move). Leading dimensions
+            broadcast.
         retraction: a registered retraction name.
 
     Returns:
@@ -111,7 +112,7 @@ def transport_differentiated(
     check_like(x, u, "u")
     check_like(x, v, "v")
     dtype = working_dtype(x.dtype)
-    x_w, u_w, v_w = x.to(dtype), u.to(dtype), v.to(dtype)
+    x_w, u_w, v_w = broadcast_frames(x.to(dtype), u.to(dtype), v.to(dtype))
     closed_form = _CLOSED_FORMS.get(retraction)
     if closed_form is not None:
         return closed_form(x_w, u_w, v_w).to(x.dtype)

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch.optim.adam import adam as torch_adam  # torch.optim deletes its submodule names
 
-from .base import StiefelOptimizer, check_beta, check_number
-from .buckets import FRAME, SCALAR
-from .functional import SECOND_MOMENTS, stiefel_adam_update
+from .base import StiefelOptimizer
+from .buckets import FRAME, SCALAR, SQUARE
+from .checks import check_beta, check_number
+from .functional import SECOND_MOMENTS, Reduce, StepOutcome, stiefel_adam_update
 
 __all__ = ["StiefelAdam"]
 
@@ -33,8 +34,8 @@ class StiefelAdam(StiefelOptimizer):
     Stiefel step (``docs/optim.md``): Euclidean-metric Riemannian gradient, first moment,
     second moment (one scalar ``||r||_F^2`` per matrix, or per element with a tangent
     projection of the preconditioned direction), bias correction, the named retraction,
-    projection transport of the first moment, and one Newton-Schulz drift correction every
-    ``drift_correction_every`` steps. Same-shape frames are stacked and stepped as one batch;
+    projection transport of the first moment, and one Newton-Schulz drift correction (folded
+    into the fused Cayley step). Same-shape frames are stacked and stepped as one batch;
     half-precision parameters are stepped on a float32 master copy held in the state.
 
     Args:
@@ -50,15 +51,23 @@ class StiefelAdam(StiefelOptimizer):
         retraction_options: keyword options passed to the retraction (e.g. ``{"steps": 8}``).
         second_moment: ``"matrix"`` (default) or ``"element"``.
         stiefel: default for groups that do not say (True).
-        drift_correction_every: steps between two Newton-Schulz corrections (default 100).
+        check_every: steps between two on-manifold checks of each parameter (one host sync
+            per check, default 100). Between checks a frame found off the manifold is left
+            as it is; the check raises ``ValueError`` naming it.
+        nonfinite: ``"skip"`` (default): a factor whose gradient holds a NaN or inf is left
+            exactly as it was, point and moments, and counted in
+            ``state[param]["nonfinite_skips"]`` (no host sync); ``"raise"``: ``ValueError``
+            before anything is changed (one host sync per step). See ``docs/optim.md``.
         maximize: ascend instead of descend.
         foreach: passed to torch's AdamW for Euclidean groups.
         fused, capturable, differentiable: not supported; True raises ``ValueError``.
 
     Raises:
         ValueError: on a bad hyperparameter (named), an unknown group option, a 1-D or
-            non-floating parameter in a Stiefel group, a ManifoldParameter on another manifold,
-            or (at its first step) a Stiefel parameter that is not orthonormal.
+            non-floating parameter in a Stiefel group, a ManifoldParameter on another manifold
+            or with another metric or retraction than its group, a Stiefel parameter that is
+            not orthonormal at its first step or has left the manifold at a later check, or
+            (``nonfinite="raise"``) a non-finite gradient.
     """
 
     def __init__(
@@ -73,7 +82,8 @@ class StiefelAdam(StiefelOptimizer):
         retraction_options: dict[str, Any] | None = None,
         second_moment: str = "matrix",
         stiefel: bool = True,
-        drift_correction_every: int = 100,
+        check_every: int = 100,
+        nonfinite: str = "skip",
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -89,7 +99,8 @@ class StiefelAdam(StiefelOptimizer):
             "retraction_options": dict(retraction_options or {}),
             "second_moment": second_moment,
             "stiefel": stiefel,
-            "drift_correction_every": drift_correction_every,
+            "check_every": check_every,
+            "nonfinite": nonfinite,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -101,6 +112,12 @@ class StiefelAdam(StiefelOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_number(group, "eps", 0.0)
+        if group["stiefel"] and group["eps"] == 0:
+            raise ValueError(
+                "`eps` must be > 0 in a Stiefel group: a factor whose Riemannian gradient is "
+                "exactly zero (lora_B at the first step, while lora_A is zero) would get 0/0. "
+                "Keep the default 1e-8"
+            )
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"`betas` must be a pair (beta1, beta2), got {betas!r}")
@@ -115,7 +132,9 @@ class StiefelAdam(StiefelOptimizer):
 
     def _state_spec(self, group: dict[str, Any]) -> dict[str, str]:
         second = SCALAR if group["second_moment"] == "matrix" else FRAME
-        return {"exp_avg": FRAME, "exp_avg_sq": second}
+        # exp_avg is stored before its transport to the current point; exp_avg_transport holds
+        # the p x p product that the next step applies (see functional.stiefel_adam_update)
+        return {"exp_avg": FRAME, "exp_avg_sq": second, "exp_avg_transport": SQUARE}
 
     def _euclidean_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
@@ -163,14 +182,17 @@ class StiefelAdam(StiefelOptimizer):
         state: dict[str, torch.Tensor],
         group: dict[str, Any],
         step: int,
-        correct_drift: bool,
-    ) -> torch.Tensor:
+        limit: float,
+        reduce: Reduce | None,
+        out: torch.Tensor | None,
+    ) -> StepOutcome:
         beta1, beta2 = group["betas"]
         return stiefel_adam_update(
             x,
             grad,
             state["exp_avg"],
             state["exp_avg_sq"],
+            state["exp_avg_transport"],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -179,6 +201,8 @@ class StiefelAdam(StiefelOptimizer):
             second_moment=group["second_moment"],
             retraction=group["retraction"],
             retraction_options=group["retraction_options"],
-            correct_drift=correct_drift,
             maximize=group["maximize"],
+            limit=limit,
+            reduce=reduce,
+            out=out,
         )

@@ -1,135 +1,35 @@
-"""The shared machinery of the Stiefel optimizers: validation, classification, bucketed step.
+"""The shared machinery of the Stiefel optimizers: groups, buckets, checks, the bucketed step.
 
 Subclasses provide the hyperparameter checks, the Euclidean step (delegated to torch's own
 functional optimizer, so Euclidean groups match torch exactly) and the bucket update (a pure
-function from :mod:`stiefel_peft.optim.functional`).
+function from :mod:`stiefel_peft.optim.functional`). A shard-aware subclass
+(:mod:`stiefel_peft.distributed`) only adds placement checks and a reduction per bucket.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
-import geoopt
 import torch
 
-from stiefel_peft.geometry import RETRACTIONS, Stiefel, orthogonality_error, orthonormalize
+from .buckets import SCALAR, Bucket, build_bucket, frame_shape, is_distributed_tensor
+from .checks import (
+    check_common,
+    check_stiefel_param,
+    describe,
+    is_constrained,
+    manifold_limit,
+    nonfinite_message,
+    off_manifold_message,
+    orientation_fix,
+    orthonormal_tolerance,
+)
+from .functional import Reduce, StepOutcome, orthogonality_errors, orthonormalized, reduced_products
 
-from .buckets import Bucket, build_bucket, frame_shape, is_distributed_tensor
-
-UNSUPPORTED_FLAGS = ("fused", "capturable", "differentiable")
-COMMON_KEYS = (
-    "lr", "retraction", "retraction_options", "stiefel", "drift_correction_every", "maximize",
-    "foreach", "fused", "capturable", "differentiable", "weight_decay",
-)  # fmt: skip
-
-
-def orthonormal_tolerance(dtype: torch.dtype, p: int) -> float:
-    """First-step tolerance on ``||x^T x - I||_F``: ``16 eps(dtype) sqrt(p)``."""
-    return 16.0 * torch.finfo(dtype).eps * math.sqrt(p)
-
-
-def check_number(group: dict[str, Any], name: str, low: float, *, low_open: bool = False) -> None:
-    value = group[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"`{name}` must be a real number, got {value!r}")
-    if value < low or (low_open and value == low):
-        relation = ">" if low_open else ">="
-        raise ValueError(f"`{name}` must be {relation} {low}, got {value!r}")
-
-
-def check_beta(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
-
-
-def check_common(group: dict[str, Any]) -> None:
-    """Checks shared by every Stiefel optimizer; raises ``ValueError`` naming the option."""
-    check_number(group, "lr", 0.0)
-    check_number(group, "weight_decay", 0.0)
-    for flag in UNSUPPORTED_FLAGS:
-        if group[flag]:
-            raise ValueError(
-                f"`{flag}=True` is not supported: the Stiefel step is already one batched "
-                f"kernel sequence per bucket; pass `{flag}=False` (or leave it unset)"
-            )
-    if group["foreach"] not in (None, True, False):
-        raise ValueError(f"`foreach` must be None, True or False, got {group['foreach']!r}")
-    for flag in ("stiefel", "maximize"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"`{flag}` must be a bool, got {group[flag]!r}")
-    every = group["drift_correction_every"]
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(
-            f"`drift_correction_every` must be an integer >= 1 (steps between two Newton-Schulz "
-            f"corrections), got {every!r}"
-        )
-    name = group["retraction"]
-    if not isinstance(name, str) or name not in RETRACTIONS:
-        raise ValueError(
-            f"`retraction` must name a registered retraction, one of {sorted(RETRACTIONS)}; got "
-            f"{name!r} (add your own with `stiefel_peft.geometry.register_retraction`)"
-        )
-    options = group["retraction_options"]
-    if not isinstance(options, dict):
-        raise ValueError(f"`retraction_options` must be a dict, got {type(options).__name__}")
-    if options:
-        x = torch.eye(2, 1, dtype=torch.float64)  # a tiny frame to try the options on
-        try:
-            RETRACTIONS[name](x, torch.zeros_like(x), **options)
-        except TypeError as error:
-            raise ValueError(
-                f"`retraction_options` {options} are not accepted by retraction {name!r}: {error}"
-            ) from None
-    if group["stiefel"] and group["weight_decay"] != 0:
-        raise ValueError(
-            "`weight_decay` must be 0 in a Stiefel group (`stiefel=True`): on the manifold "
-            "||x||_F^2 = p is constant, so decay has a zero Riemannian gradient, and a "
-            "decoupled decay x <- (1 - lr wd) x would leave the manifold. Set weight_decay "
-            "only in the Euclidean (`stiefel=False`) groups"
-        )
-
-
-def is_constrained(param: torch.Tensor, group: dict[str, Any]) -> bool:
-    """Whether ``param`` is stepped on the manifold: a Stiefel ManifoldParameter or group flag.
-
-    Raises ``ValueError`` for a ``geoopt.ManifoldParameter`` on another manifold.
-    """
-    if isinstance(param, geoopt.ManifoldParameter):
-        if isinstance(param.manifold, Stiefel):
-            return True
-        raise ValueError(
-            f"parameter of shape {tuple(param.shape)} is a geoopt.ManifoldParameter on "
-            f"{type(param.manifold).__name__}; these optimizers only handle "
-            "stiefel_peft.geometry.Stiefel (use geoopt's RiemannianAdam for other manifolds, "
-            "or pass a plain torch.nn.Parameter)"
-        )
-    return bool(group["stiefel"])
-
-
-def check_stiefel_param(param: torch.Tensor, group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` unless a constrained parameter is a real (..., n, p) matrix."""
-    if param.dim() < 2:
-        raise ValueError(
-            f"parameter of shape {tuple(param.shape)} is in a Stiefel group but has "
-            f"{param.dim()} dimension(s); a Stiefel parameter is a (..., n, p) matrix (or a "
-            "stack of them). Put it in a param group with `stiefel=False`"
-        )
-    if not param.is_floating_point():
-        raise ValueError(
-            f"Stiefel parameter of shape {tuple(param.shape)} has dtype {param.dtype}; it must "
-            "be real floating point (float16/bfloat16/float32/float64)"
-        )
-    if min(param.shape[-2:]) == 0 or param.numel() == 0:
-        raise ValueError(f"Stiefel parameter of shape {tuple(param.shape)} is empty")
-    if isinstance(param, geoopt.ManifoldParameter) and group["weight_decay"] != 0:
-        raise ValueError(
-            f"the Stiefel ManifoldParameter of shape {tuple(param.shape)} is in a group with "
-            f"weight_decay={group['weight_decay']}; decay is undefined on the manifold "
-            "(||x||_F^2 = p), move it to a group with weight_decay=0"
-        )
+SKIPS = "nonfinite_skips"  # per-frame count of steps skipped for a non-finite gradient
+Check = tuple[torch.Tensor, Callable[[list[float]], Callable[[], None] | None]]
 
 
 class StiefelOptimizer(torch.optim.Optimizer):
@@ -158,15 +58,17 @@ class StiefelOptimizer(torch.optim.Optimizer):
         state: dict[str, torch.Tensor],
         group: dict[str, Any],
         step: int,
-        correct_drift: bool,
-    ) -> torch.Tensor:
+        limit: float,
+        reduce: Reduce | None,
+        out: torch.Tensor | None,
+    ) -> StepOutcome:
         raise NotImplementedError
 
     def _check_distributed(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         """Reject a DTensor Stiefel parameter: the bucket math here assumes whole frames.
 
-        A shard-aware subclass (:mod:`stiefel_peft.distributed`) overrides this and
-        :meth:`_bucket_key`.
+        A shard-aware subclass (:mod:`stiefel_peft.distributed`) overrides this,
+        :meth:`_bucket_key` and :meth:`_frame_reduce`.
         """
         if is_distributed_tensor(param):
             raise ValueError(
@@ -179,6 +81,10 @@ class StiefelOptimizer(torch.optim.Optimizer):
     def _bucket_key(self, param: torch.Tensor) -> tuple[Any, ...]:
         """Parameters with equal keys (in one group) are stacked into one bucket."""
         return (frame_shape(param), param.dtype, param.device)
+
+    def _frame_reduce(self, param: torch.Tensor) -> Reduce | None:
+        """The reduction over the processes that hold other rows of ``param``'s frames."""
+        return None
 
     # --- groups -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -214,39 +120,61 @@ class StiefelOptimizer(torch.optim.Optimizer):
             for param in group["params"]:
                 if is_constrained(param, group):
                     # again here: a wrapper (accelerate's FSDP2 prepare) may have swapped the
-                    # parameters for DTensors after construction
+                    # parameters for DTensors, or the group's options changed, since then
+                    check_stiefel_param(param, group)
                     self._check_distributed(param, group)
-                    key = self._bucket_key(param)
-                    keyed.setdefault(key, []).append(param)
+                    keyed.setdefault(self._bucket_key(param), []).append(param)
                 else:
                     euclidean.append(param)
             self._euclidean.append(euclidean)
-            spec = self._state_spec(group)
-            buckets.extend(build_bucket(index, ps, self.state, spec) for ps in keyed.values())
+            spec = {**self._state_spec(group), SKIPS: SCALAR}
+            for params in keyed.values():
+                bucket = build_bucket(index, params, self.state, spec)
+                bucket.reduce = self._frame_reduce(params[0])
+                buckets.append(bucket)
         return buckets
 
     # --- step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step for every parameter with a gradient (``p.grad`` is read, never changed)."""
+        """One step for every parameter with a gradient (``p.grad`` is read, never changed).
+
+        Host-synchronising checks run first, before anything is changed: the on-manifold
+        check at a parameter's first step and every ``check_every`` steps, and the
+        gradient check of ``nonfinite="raise"`` groups (one sync per device for all of them).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self._buckets is None:
             self._buckets = self._build()
+        work = []
+        for bucket in self._buckets:
+            active = [i for i, param in enumerate(bucket.params) if param.grad is not None]
+            if active:
+                work.append((bucket, self.param_groups[bucket.group_index], active))
+        self._preflight(work)
         for group, euclidean in zip(self.param_groups, self._euclidean, strict=True):
             with_grad = [param for param in euclidean if param.grad is not None]
             if with_grad:
                 self._euclidean_step(group, with_grad)
-        for bucket in self._buckets:
-            self._step_bucket(bucket, self.param_groups[bucket.group_index])
+        for bucket, group, active in work:
+            self._step_bucket(bucket, group, active)
         return loss
 
-    def _step_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
-        active = [i for i, param in enumerate(bucket.params) if param.grad is not None]
-        if not active:
-            return
+    def nonfinite_skips(self) -> int:
+        """Steps skipped for a non-finite gradient, summed over every Stiefel frame (one sync).
+
+        Per parameter: ``optimizer.state[param]["nonfinite_skips"]`` (one count per frame).
+        """
+        counts = [bucket.state[SKIPS].sum() for bucket in self._buckets or []]
+        return int(sum(float(count) for count in counts))
+
+    def _step_bucket(self, bucket: Bucket, group: dict[str, Any], active: list[int]) -> None:
+        sparse = [bucket.params[i] for i in active if bucket.params[i].grad.is_sparse]
+        if sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         counts = {bucket.steps_host[i] for i in active}
         if len(active) == len(bucket.params) and len(counts) == 1:
             self._step_positions(bucket, group, None, counts.pop() + 1)
@@ -262,67 +190,118 @@ class StiefelOptimizer(torch.optim.Optimizer):
         self, bucket: Bucket, group: dict[str, Any], positions: list[int] | None, step: int
     ) -> None:
         index = None if positions is None else bucket.frame_index(positions)
-        if bucket.params[0].grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        if step == 1:
-            self._first_step(bucket, group, positions, index)
         x = bucket.points(positions, index)
-        grad = bucket.stack_grads(positions)
+        grad = bucket.stack_grads(positions)  # a copy in the working dtype: scratch space
         state = bucket.gather_state(index)
-        correct = step % group["drift_correction_every"] == 0
-        new = self._update_bucket(x, grad, state, group, step, correct)
+        limit = manifold_limit(bucket.working_dtype, bucket.shape[1])
+        out = bucket.scratch() if positions is None else None
+        outcome = self._update_bucket(x, grad, state, group, step, limit, bucket.reduce, out)
+        state[SKIPS].add_(outcome.skipped.view(-1, 1, 1).to(state[SKIPS].dtype))
         bucket.scatter_state(index, state)
-        bucket.write_points(positions, index, new)
+        bucket.write_points(positions, index, outcome.point)
         bucket.advance(positions)
 
-    def _first_step(
-        self,
-        bucket: Bucket,
-        group: dict[str, Any],
-        positions: list[int] | None,
-        index: torch.Tensor | None,
-    ) -> None:
-        """Check orthonormality (one host sync) and fill the float32 master copies."""
-        chosen = list(range(len(bucket.params))) if positions is None else positions
-        stacked = bucket.stack_params(positions)  # (f, n, p), parameter dtype
-        errors = self._orthogonality_errors(stacked, bucket)  # (f,)
-        tolerance = orthonormal_tolerance(bucket.dtype, bucket.shape[1])
-        per_param = errors.split([bucket.frames[i] for i in chosen])
-        worst = torch.stack([e.max() for e in per_param]).tolist()  # the one sync
-        for i, error in zip(chosen, worst, strict=True):
-            if not error <= tolerance:
-                raise ValueError(
-                    self._not_orthonormal_message(bucket.params[i], bucket, error, tolerance)
-                )
+    # --- checks that synchronise with the host ---------------------------------------
+    def _preflight(self, work: list[tuple[Bucket, dict[str, Any], list[int]]]) -> None:
+        """Run the due checks with one host sync per device; raise before changing anything."""
+        checks: list[Check] = []
+        for bucket, group, active in work:
+            every = group["check_every"]
+            due = [i for i in active if (bucket.steps_host[i] + 1) % every == 0]
+            due = sorted({*due, *(i for i in active if bucket.steps_host[i] == 0)})
+            if due:
+                checks.append(self._manifold_check(bucket, group, due))
+            if group["nonfinite"] == "raise":
+                checks.append(self._finite_check(bucket, group, active))
+        by_device: dict[torch.device, list[Check]] = {}
+        for check in checks:
+            by_device.setdefault(check[0].device, []).append(check)
+        updates = []
+        for entries in by_device.values():
+            flat = torch.cat([values.reshape(-1).to(torch.float64) for values, _ in entries])
+            numbers = flat.tolist()  # the one host sync of this device
+            offset = 0
+            for values, handle in entries:
+                update = handle(numbers[offset : offset + values.numel()])
+                offset += values.numel()
+                if update is not None:
+                    updates.append(update)
+        for update in updates:  # every check passed: now the float32 masters may be refilled
+            update()
+
+    def _manifold_check(self, bucket: Bucket, group: dict[str, Any], due: list[int]) -> Check:
+        """On-manifold check of the parameters at ``due`` (first step, or a periodic check).
+
+        Float32/64 parameters are checked as they are. A half-precision parameter is checked
+        in its own precision when it is new or was changed outside the optimizer (it then
+        differs from its rounded float32 master), and its master is refilled from it; else
+        its master is checked.
+        """
+        index = bucket.frame_index(due)
+        stacked = bucket.stack_params(due)  # (k, n, p) in the parameter dtype
+        work_dtype, p = bucket.working_dtype, bucket.shape[1]
+        errors = orthogonality_errors(stacked.to(work_dtype), bucket.reduce)  # (k,)
+        pieces = [errors]
         if bucket.master is not None:
-            # the master is the polar factor of the rounded parameter: orthonormal in float32
-            exact = self._orthonormalized(stacked.to(torch.float32))
-            if index is None:
-                bucket.master.copy_(exact)
-            else:
-                bucket.master.index_copy_(0, index, exact)
+            master = bucket.master.index_select(0, index)
+            changed = (stacked != master.to(stacked.dtype)).flatten(1).any(1).to(work_dtype)
+            (changed,) = reduced_products([], bucket.reduce, sums=[changed[:, None, None]])
+            pieces += [changed.view(-1), orthogonality_errors(master, bucket.reduce)]
+        frames = [bucket.frames[i] for i in due]
 
-    def _orthogonality_errors(self, stacked: torch.Tensor, bucket: Bucket) -> torch.Tensor:
-        """``||x^T x - I||_F`` per frame of ``(f, n, p)``: ``(f,)``. A shard-aware subclass
-        reduces the p x p Gram across ranks."""
-        return orthogonality_error(stacked)
+        def handle(numbers: list[float]) -> Callable[[], None] | None:
+            count = len(numbers) // len(pieces)
+            per_piece = [numbers[k * count : (k + 1) * count] for k in range(len(pieces))]
+            refill, offset = [], 0
+            for i, size in zip(due, frames, strict=True):
+                param, first = bucket.params[i], bucket.steps_host[i] == 0
+                param_error = max(per_piece[0][offset : offset + size])
+                if bucket.master is None:
+                    error = param_error
+                    bound = (orthonormal_tolerance if first else manifold_limit)(work_dtype, p)
+                elif first or max(per_piece[1][offset : offset + size]) > 0:
+                    error, bound = param_error, orthonormal_tolerance(param.dtype, p)
+                    refill.extend(range(offset, offset + size))
+                else:
+                    error = max(per_piece[2][offset : offset + size])
+                    bound = manifold_limit(work_dtype, p)
+                offset += size
+                if not error <= bound:
+                    kind, fix = orientation_fix(param)
+                    description = describe(param, group, bucket.group_index)
+                    message = off_manifold_message(description, kind, fix, error, bound, first)
+                    raise ValueError(message)
+            if not refill:
+                return None
 
-    def _orthonormalized(self, stacked: torch.Tensor) -> torch.Tensor:
-        """The polar factor of each frame of ``(f, n, p)`` (the nearest orthonormal frame)."""
-        return orthonormalize(stacked)
+            def update() -> None:
+                # the master is the polar factor of the rounded parameter: orthonormal in float32
+                chosen = torch.tensor(refill, device=stacked.device)
+                chosen_frames = stacked.index_select(0, chosen).to(work_dtype)
+                exact = orthonormalized(chosen_frames, bucket.reduce)
+                bucket.master.index_copy_(0, index.index_select(0, chosen), exact)
 
-    def _not_orthonormal_message(
-        self, param: torch.Tensor, bucket: Bucket, error: float, tolerance: float
-    ) -> str:
-        kind = "columns" if param.shape[-2] >= param.shape[-1] else "rows"
-        fix = "orthonormalize(w)" if kind == "columns" else "orthonormalize(w.mT).mT"
-        return (
-            f"Stiefel parameter of shape {tuple(param.shape)} ({param.dtype}) in param "
-            f"group {bucket.group_index} does not have orthonormal {kind}: "
-            f"||x^T x - I||_F = {error:.3g} > {tolerance:.3g}. Put it on the manifold "
-            f"before the first step with stiefel_peft.geometry.orthonormalize, e.g. "
-            f"`with torch.no_grad(): w.copy_({fix})`"
-        )
+            return update
+
+        return torch.cat(pieces), handle
+
+    def _finite_check(self, bucket: Bucket, group: dict[str, Any], active: list[int]) -> Check:
+        """``nonfinite="raise"``: every gradient of ``active`` must be finite (sum per frame)."""
+        positions = None if len(active) == len(bucket.params) else active
+        (sums,) = reduced_products([], bucket.reduce, sums=[bucket.stack_grads(positions)])
+        frames = [bucket.frames[i] for i in active]
+
+        def handle(numbers: list[float]) -> None:
+            offset = 0
+            for i, size in zip(active, frames, strict=True):
+                values = numbers[offset : offset + size]
+                offset += size
+                if not all(abs(value) < float("inf") for value in values):  # NaN fails too
+                    param = bucket.params[i]
+                    description = describe(param, group, bucket.group_index)
+                    raise ValueError(nonfinite_message(description, bucket.steps_host[i] + 1))
+
+        return sums.view(-1), handle
 
     # --- state ------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -346,4 +325,3 @@ class StiefelOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._buckets = None
-

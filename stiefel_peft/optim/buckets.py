@@ -8,18 +8,21 @@ ordinary ``state_dict()`` sees per-parameter tensors and a loaded state is re-st
 
 Layout of the per-parameter views: the *tall* orientation, i.e. ``(..., n, p)`` for a tall
 parameter and ``(..., cols, rows)`` (its transpose) for a wide one; a per-matrix scalar has
-shape ``(..., 1, 1)``. Half-precision parameters keep a float32 ``"master"`` copy of the frame.
+shape ``(..., 1, 1)`` and a per-matrix p x p state ``(..., p, p)``. Half-precision
+parameters keep a float32 ``"master"`` copy of the frame.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 FRAME = "frame"  # a state tensor shaped like the (oriented) parameter
 SCALAR = "scalar"  # one value per (n, p) frame
+SQUARE = "square"  # one (p, p) matrix per frame
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -84,6 +87,9 @@ class Bucket:
     grad_views: list[torch.Tensor] = field(default_factory=list)  # grad_buffer, same layout
     bound: list[bool] = field(default_factory=list)  # param.data is views[i]
     pointers: list[int] = field(default_factory=list)  # views[i].data_ptr()
+    # sums a tensor over the processes holding other rows of these frames (None: whole frames)
+    reduce: Callable[[torch.Tensor], object] | None = None
+    workspace: torch.Tensor | None = None  # (f, n, p) working dtype: the new frames of a step
 
     @property
     def working_dtype(self) -> torch.dtype:
@@ -92,6 +98,19 @@ class Bucket:
     @property
     def single_frames(self) -> bool:
         return all(count == 1 for count in self.frames)
+
+    def scratch(self) -> torch.Tensor:
+        """A persistent ``(f, n, p)`` working-dtype buffer for the new frames of a full step.
+
+        Allocated once: a fresh n-sized tensor every step costs page faults that, measured on
+        the SmolLM2 factors on CPU, made up to a third of the step.
+        """
+        if self.workspace is None:
+            n, p = self.shape
+            self.workspace = torch.empty(
+                (sum(self.frames), n, p), dtype=self.working_dtype, device=self.device
+            )
+        return self.workspace
 
     def offsets(self) -> list[int]:
         out, total = [], 0
@@ -266,7 +285,7 @@ class Bucket:
 
 
 def _tail(kind: str, shape: tuple[int, int]) -> tuple[int, int]:
-    return shape if kind == FRAME else (1, 1)
+    return {FRAME: shape, SQUARE: (shape[1], shape[1])}.get(kind, (1, 1))
 
 
 def build_bucket(
@@ -277,7 +296,7 @@ def build_bucket(
 ) -> Bucket:
     """Stack the per-parameter state of ``params`` (zeros where absent) into a new bucket.
 
-    ``spec`` maps state names to :data:`FRAME` or :data:`SCALAR`. Afterwards
+    ``spec`` maps state names to :data:`FRAME`, :data:`SCALAR` or :data:`SQUARE`. Afterwards
     ``state[param]`` holds views into the stacked tensors (and ``"step"``, a 0-d view into the
     bucket's step counts). Reading loaded step counts syncs once per parameter (lazy rebuild).
 

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd as torch_sgd  # torch.optim deletes its submodule names
 
-from .base import StiefelOptimizer, check_number
+from .base import StiefelOptimizer
 from .buckets import FRAME
-from .functional import stiefel_sgd_update
+from .checks import check_number
+from .functional import Reduce, StepOutcome, stiefel_sgd_update
 
 __all__ = ["StiefelSGD"]
 
@@ -34,8 +35,8 @@ class StiefelSGD(StiefelOptimizer):
         lr: learning rate (>= 0). momentum: ``mu`` >= 0. dampening: ``tau`` >= 0.
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         weight_decay: L2 decay for Euclidean groups; must be 0 in a Stiefel group.
-        retraction, retraction_options, stiefel, drift_correction_every, maximize, foreach,
-        fused, capturable, differentiable: as for :class:`StiefelAdam`.
+        retraction, retraction_options, stiefel, check_every, nonfinite, maximize,
+        foreach, fused, capturable, differentiable: as for :class:`StiefelAdam`.
 
     Raises:
         ValueError: as :class:`StiefelAdam`, and for Nesterov without momentum.
@@ -53,7 +54,8 @@ class StiefelSGD(StiefelOptimizer):
         *,
         retraction_options: dict[str, Any] | None = None,
         stiefel: bool = True,
-        drift_correction_every: int = 100,
+        check_every: int = 100,
+        nonfinite: str = "skip",
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -69,7 +71,8 @@ class StiefelSGD(StiefelOptimizer):
             "retraction": retraction,
             "retraction_options": dict(retraction_options or {}),
             "stiefel": stiefel,
-            "drift_correction_every": drift_correction_every,
+            "check_every": check_every,
+            "nonfinite": nonfinite,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -119,8 +122,12 @@ class StiefelSGD(StiefelOptimizer):
         state: dict[str, torch.Tensor],
         group: dict[str, Any],
         step: int,
-        correct_drift: bool,
-    ) -> torch.Tensor:
+        limit: float,
+        reduce: Reduce | None,
+        out: torch.Tensor | None,
+    ) -> StepOutcome:
+        if reduce is not None:
+            raise ValueError("StiefelSGD steps whole frames only (no sharded form)")
         return stiefel_sgd_update(
             x,
             grad,
@@ -132,6 +139,7 @@ class StiefelSGD(StiefelOptimizer):
             first_step=step == 1,
             retraction=group["retraction"],
             retraction_options=group["retraction_options"],
-            correct_drift=correct_drift,
             maximize=group["maximize"],
+            limit=limit,
+            out=out,
         )

@@ -1,9 +1,9 @@
-"""The sharded Adam step's algebra in one process (no collectives needed).
+"""The sharded form of the one Adam step, in one process (no collectives needed).
 
-With the identity as ``all_reduce`` the sharded step is the unsharded one written with reduced
-products; and with rows split into two shards whose p x p partial products are summed by a
-two-thread barrier, it must give the unsharded step's rows. The multi-process gloo tests are in
-``test_fsdp.py``.
+``stiefel_adam_update`` takes a ``reduce``: with the identity (a sum over one process) it must be
+the whole-frame step; with rows split into two shards whose p x p partial products are summed by
+a two-thread barrier, it must give the whole-frame step's rows. The multi-process gloo tests are
+in ``test_fsdp.py``.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import threading
 import pytest
 import torch
 
-from stiefel_peft.distributed import (
-    sharded_orthogonality_error,
-    sharded_orthonormalize,
-    sharded_stiefel_adam_update,
-)
 from stiefel_peft.geometry import orthogonality_error, random_stiefel
-from stiefel_peft.optim.functional import stiefel_adam_update
+from stiefel_peft.optim.functional import (
+    orthogonality_errors,
+    orthonormalized,
+    stiefel_adam_update,
+)
 from tests.tolerances import CLOSE, orthonormal_tolerance
 
 DTYPE = torch.float64
@@ -32,9 +31,9 @@ def _problem(frames: int, n: int, p: int, seed: int) -> tuple[torch.Tensor, torc
     return x, grad
 
 
-def _options(second_moment: str, step: int, correct_drift: bool) -> dict:
+def _options(second_moment: str, step: int) -> dict:
     return dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, step=step, second_moment=second_moment,
-                correct_drift=correct_drift, maximize=False)  # fmt: skip
+                maximize=False, limit=1e-6, retraction="cayley", retraction_options={})  # fmt: skip
 
 
 def _second_moment_buffer(x: torch.Tensor, second_moment: str) -> torch.Tensor:
@@ -43,15 +42,18 @@ def _second_moment_buffer(x: torch.Tensor, second_moment: str) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
-def _run_unsharded(x, grads, second_moment, drift_every):
-    exp_avg = torch.zeros_like(x)
-    exp_avg_sq = _second_moment_buffer(x, second_moment)
+def _fresh_state(x: torch.Tensor, second_moment: str) -> list[torch.Tensor]:
+    p = x.shape[-1]
+    transport = torch.zeros(x.shape[0], p, p, dtype=x.dtype)
+    return [torch.zeros_like(x), _second_moment_buffer(x, second_moment), transport]
+
+
+def _run(x, grads, second_moment, reduce=None):
+    state = _fresh_state(x, second_moment)
     for step, grad in enumerate(grads, start=1):
-        options = _options(second_moment, step, step % drift_every == 0)
-        x = stiefel_adam_update(
-            x, grad, exp_avg, exp_avg_sq, retraction="cayley", retraction_options={}, **options
-        )
-    return x, exp_avg, exp_avg_sq
+        options = _options(second_moment, step)
+        x = stiefel_adam_update(x, grad.clone(), *state, reduce=reduce, **options).point
+    return x, state
 
 
 class _TwoThreadSum:
@@ -76,21 +78,15 @@ class _TwoThreadSum:
 
 
 @pytest.mark.parametrize("second_moment", ["matrix", "element"])
-def test_identity_reduction_is_the_unsharded_step(second_moment: str) -> None:
+def test_identity_reduction_is_the_whole_frame_step(second_moment: str) -> None:
     x, _ = _problem(3, 12, 4, seed=0)
     grads = [_problem(3, 12, 4, seed=s)[1] for s in range(1, 5)]
-    expected, expected_m, expected_v = _run_unsharded(x, grads, second_moment, drift_every=2)
-    exp_avg = torch.zeros_like(x)
-    exp_avg_sq = _second_moment_buffer(x, second_moment)
-    for step, grad in enumerate(grads, start=1):
-        options = _options(second_moment, step, step % 2 == 0)
-        x = sharded_stiefel_adam_update(
-            x, grad, exp_avg, exp_avg_sq, all_reduce=lambda t: None, **options
-        )
+    expected, expected_state = _run(x, grads, second_moment)
+    reduced, state = _run(x, grads, second_moment, reduce=lambda t: None)
     tolerance = CLOSE[DTYPE]
-    torch.testing.assert_close(x, expected, atol=tolerance, rtol=0)
-    torch.testing.assert_close(exp_avg, expected_m, atol=tolerance, rtol=0)
-    torch.testing.assert_close(exp_avg_sq, expected_v, atol=tolerance, rtol=0)
+    torch.testing.assert_close(reduced, expected, atol=tolerance, rtol=0)
+    for value, reference in zip(state, expected_state, strict=True):
+        torch.testing.assert_close(value, reference, atol=tolerance, rtol=0)
 
 
 @pytest.mark.parametrize("second_moment", ["matrix", "element"])
@@ -99,7 +95,7 @@ def test_two_row_shards_give_the_unsharded_rows(second_moment: str, split: int) 
     n, p, frames = 13, 3, 2
     x, _ = _problem(frames, n, p, seed=3)
     grads = [_problem(frames, n, p, seed=s)[1] for s in range(4, 8)]
-    expected, _, _ = _run_unsharded(x, grads, second_moment, drift_every=3)
+    expected, _ = _run(x, grads, second_moment)
     reduction = _TwoThreadSum()
     results: list[torch.Tensor | None] = [None, None]
     errors: list[BaseException] = []
@@ -108,13 +104,17 @@ def test_two_row_shards_give_the_unsharded_rows(second_moment: str, split: int) 
         try:
             rows = slice(0, split) if rank == 0 else slice(split, n)
             local = x[:, rows].clone()
-            exp_avg = torch.zeros_like(local)
-            exp_avg_sq = _second_moment_buffer(local, second_moment)
+            state = _fresh_state(local, second_moment)
+            if second_moment == "matrix":
+                state[1] = torch.zeros(frames, 1, 1, dtype=DTYPE)  # replicated per matrix
             for step, grad in enumerate(grads, start=1):
-                local = sharded_stiefel_adam_update(
-                    local, grad[:, rows], exp_avg, exp_avg_sq, all_reduce=reduction.for_rank(rank),
-                    **_options(second_moment, step, step % 3 == 0),
-                )
+                local = stiefel_adam_update(
+                    local,
+                    grad[:, rows].clone(),
+                    *state,
+                    reduce=reduction.for_rank(rank),
+                    **_options(second_moment, step),
+                ).point
             results[rank] = local
         except BaseException as error:  # surfaced below; a dead thread would hang the barrier
             errors.append(error)
@@ -136,9 +136,9 @@ def test_two_row_shards_give_the_unsharded_rows(second_moment: str, split: int) 
 def test_sharded_orthonormalize_and_error() -> None:
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(2, 10, 3, dtype=DTYPE, generator=generator)
-    polar = sharded_orthonormalize(x, lambda t: None)
+    polar = orthonormalized(x, lambda t: None)
     u, _, vh = torch.linalg.svd(x, full_matrices=False)
     torch.testing.assert_close(polar, u @ vh, atol=1e-10, rtol=0)
     torch.testing.assert_close(
-        sharded_orthogonality_error(x, lambda t: None), orthogonality_error(x), atol=1e-10, rtol=0
+        orthogonality_errors(x, lambda t: None), orthogonality_error(x), atol=1e-10, rtol=0
     )

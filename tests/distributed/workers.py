@@ -158,7 +158,7 @@ def sharded_step(rank: int, world_size: int, second_moment: str) -> dict[str, An
     sharded = [nn.Parameter(distribute_tensor(full, mesh, [Shard(dim)]))
                for full, dim in problem.values()]  # fmt: skip
     whole = [nn.Parameter(full.clone()) for full, _ in problem.values()]
-    options = dict(lr=0.05, second_moment=second_moment, drift_correction_every=2)
+    options = dict(lr=0.05, second_moment=second_moment, check_every=2)
     optimizer = ShardedStiefelAdam(sharded, **options)
     reference = StiefelAdam(whole, **options)
     generator = torch.Generator().manual_seed(1)

@@ -82,14 +82,36 @@ def test_bad_inputs_raise_value_errors_that_name_the_argument(name: str) -> None
     x = random_stiefel(6, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"`x`.*n >= p"):
         function(x.mT.contiguous(), x.mT.contiguous())
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="matrix shape"):
         function(x, torch.zeros(6, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        function(x.expand(2, 6, 2), torch.zeros(3, 6, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="same dtype"):
         function(x, torch.zeros(6, 2, dtype=torch.float32))
     with pytest.raises(ValueError, match="floating dtype"):
         function(torch.zeros(6, 2, dtype=torch.int64), torch.zeros(6, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         function(torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS_OF_X_AND_V))
+def test_leading_dimensions_broadcast_as_in_torch(name: str) -> None:
+    # (4, n, p) with (n, p), and (n, p) with (4, n, p): the result of the broadcast pair
+    function = FUNCTIONS_OF_X_AND_V[name]
+    generator = torch.Generator().manual_seed(8)
+    points = random_stiefel(4, 6, 2, dtype=torch.float64, generator=generator)
+    vector = project_tangent(points[0], torch.randn(6, 2, dtype=torch.float64, generator=generator))
+    batched = function(points, vector)
+    one_by_one = torch.stack([function(point, vector) for point in points])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-12, rtol=0)
+    single = points[0]
+    vectors = torch.stack([vector, 2 * vector, -vector, 0.5 * vector])
+    torch.testing.assert_close(
+        function(single, vectors),
+        torch.stack([function(single, v) for v in vectors]),
+        atol=1e-12,
+        rtol=0,
+    )
 
 
 def test_unknown_names_and_options_raise_value_errors() -> None:

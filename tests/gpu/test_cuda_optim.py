@@ -94,7 +94,7 @@ def test_stiefel_adam_steady_step_has_no_host_sync(
             lr=1e-2,
             retraction=retraction,
             second_moment=second_moment,
-            drift_correction_every=2,
+            check_every=2,
         ),
         dtype,
     )
@@ -112,7 +112,7 @@ def test_stiefel_sgd_steady_step_has_no_host_sync(retraction: str) -> None:
             momentum=0.9,
             nesterov=True,
             retraction=retraction,
-            drift_correction_every=2,
+            check_every=2,
         ),
         torch.float32,
     )
@@ -125,7 +125,7 @@ def run_steps(retraction: str, second_moment: str, device: str, steps: int = 5) 
         lr=5e-2,
         retraction=retraction,
         second_moment=second_moment,
-        drift_correction_every=2,
+        check_every=2,
     )
     for step_grads in gradient_sets(params, steps, seed=2):
         for param, grad in zip(params, step_grads, strict=True):

@@ -64,8 +64,10 @@ def test_mixed_groups_fora_layout() -> None:
     a = torch.nn.Parameter(torch.randn(4, 9, generator=generator))
     a_twin = torch.nn.Parameter(a.detach().clone())
     optimizer = StiefelAdam(
-        [{"params": [b], "lr": 1e-3}, {"params": [a], "stiefel": False, "lr": 2e-4,
-                                        "weight_decay": 0.01}]
+        [
+            {"params": [b], "lr": 1e-3},
+            {"params": [a], "stiefel": False, "lr": 2e-4, "weight_decay": 0.01},
+        ]
     )
     reference = torch.optim.AdamW([a_twin], lr=2e-4, weight_decay=0.01)
     for _ in range(20):
