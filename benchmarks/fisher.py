@@ -205,7 +205,7 @@ def ranking_stability(batch_size: int = 4, sizes: tuple[int, ...] = (16, 64, 128
     by_size[max(sizes)] = per_block["empirical"]
     between = {f"{a} vs {b}": {"spearman": spearman(per_block[a], per_block[b]),
                                "top_half_overlap": top_half_overlap(per_block[a], per_block[b])}
-               for i, a in enumerate(ESTIMATORS) for b in ESTIMATORS[i + 1 :]}
+               for i, a in enumerate(list(ESTIMATORS)) for b in list(ESTIMATORS)[i + 1 :]}
     across = {f"empirical {size} vs {max(sizes)}": {
         "spearman": spearman(by_size[size], by_size[max(sizes)]),
         "top_half_overlap": top_half_overlap(by_size[size], by_size[max(sizes)])}

@@ -7,7 +7,6 @@ exit code 2 before minutes are spent loading and scoring.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -119,7 +118,7 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--estimator",
-        choices=ESTIMATORS,
+        choices=list(ESTIMATORS),
         default="empirical",
         help="Fisher estimator (default: %(default)s)",
     )
@@ -267,12 +266,27 @@ def check(arguments: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device} asked for CUDA, but torch sees no CUDA device")
-    output = resolve_output(arguments)
-    if output.exists() and any(output.iterdir()):
+    arguments.output = str(prepare_output(resolve_output(arguments)))
+
+
+def prepare_output(output: Path) -> Path:
+    """Create the output folder now, before any model loads, so that a path that cannot be
+    written fails in a second, not after the training (one line, exit 2).
+
+    Raises:
+        UsageError: the folder exists and is not empty, or cannot be created (a path under a
+            regular file, a read-only or virtual file system, no permission).
+    """
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {str(output)!r} exists and is a file; pick a new directory")
+    if output.is_dir() and any(output.iterdir()):
         raise UsageError(f"--output {str(output)!r} exists and is not empty; pick a new directory")
-    parent = output.parent if output.parent != Path("") else Path(".")
-    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
-    if not os.access(existing, os.W_OK):
-        raise UsageError(
-            f"--output {str(output)!r} cannot be created: {str(existing)!r} is not writable"
-        )
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".stiefel-peft-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UsageError(f"--output {str(output)!r} cannot be created: {reason}") from None
+    return output

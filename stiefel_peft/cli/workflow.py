@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -210,9 +211,21 @@ def accuracy(
 
 def plot_block_scores(
     scores: dict[int, float], selected: Sequence[int], path: Path, title: str
-) -> Path:
-    """A bar chart of the per-block scores with the selected blocks highlighted."""
-    import matplotlib
+) -> Path | None:
+    """A bar chart of the per-block scores with the selected blocks highlighted.
+
+    Without matplotlib (an optional dependency) the plot is skipped with a one-line warning on
+    stderr and None is returned; everything else of the run is written as usual.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(
+            f"warning: matplotlib is not installed, so {path.name} was not written "
+            "(pip install matplotlib, or pass --no-plot)",
+            file=sys.stderr,
+        )
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

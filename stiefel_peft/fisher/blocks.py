@@ -13,18 +13,68 @@ module names are always exactly those of ``model.named_modules()`` of the model 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 __all__ = [
     "BlockList",
     "block_index",
+    "dense_weight",
     "find_blocks",
+    "is_linear_layer",
+    "layer_features",
     "linear_modules",
     "resolve_modules",
 ]
+
+
+def _conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2 family), if transformers is imported (else no model
+    can hold one)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (subclasses too: peft's and bitsandbytes' layers) or a transformers
+    ``Conv1D``, whose weight is stored ``(in, out)`` and which computes ``x W + b``."""
+    if isinstance(module, nn.Linear):
+        return True
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def layer_features(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a linear layer (``nn.Linear`` or ``Conv1D``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.nx, module.nf  # Conv1D: weight (nx, nf)
+
+
+def dense_weight(module: nn.Module, name: str, purpose: str) -> torch.Tensor:
+    """The layer's weight as a dense ``(d_out, d_in)`` floating tensor (a view for Conv1D).
+
+    Raises:
+        ValueError: the weight is packed or quantized (bitsandbytes 4-bit, for example): its
+            shape or dtype is not that of the layer; ``purpose`` names what needed it.
+    """
+    d_in, d_out = layer_features(module)
+    weight = module.weight
+    if not isinstance(module, nn.Linear):
+        weight = weight.mT  # Conv1D stores (in, out)
+    if tuple(weight.shape) != (d_out, d_in) or not weight.is_floating_point():
+        raise ValueError(
+            f"{purpose} needs a plain dense weight of shape (out, in) = {(d_out, d_in)}, but "
+            f"module {name!r} ({type(module).__name__}) holds a weight of shape "
+            f"{tuple(module.weight.shape)} and dtype {module.weight.dtype} (a packed or "
+            "quantized layer); use estimator='empirical', which needs only the layer's inputs "
+            "and output gradients"
+        )
+    return weight
 
 
 @dataclass(frozen=True)
@@ -89,21 +139,19 @@ def find_blocks(model: nn.Module) -> BlockList:
             in that case.
     """
     candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if _is_homogeneous_list(module)
+        (name, module) for name, module in model.named_modules() if _is_homogeneous_list(module)
     ]
     outermost = [
         (name, module)
         for name, module in candidates
-        if not any(
-            other != name and name.startswith(other + ".") for other, _ in candidates
-        )
+        if not any(other != name and name.startswith(other + ".") for other, _ in candidates)
     ]
     if not outermost:
         raise ValueError(
-            f"found no nn.ModuleList of repeated blocks in {type(model).__name__}; "
-            "pass the module names to score explicitly (modules=[...])"
+            f"found no nn.ModuleList of repeated blocks in {type(model).__name__}; to score "
+            "its linear layers anyway, pass their names (modules=[...]); the model must also "
+            "take the batch's keys as keyword arguments and return .logits and .loss, as "
+            "Hugging Face models do"
         )
     best_name, best_module = max(outermost, key=lambda item: len(item[1]))  # first max wins
     first_child = next(iter(best_module.children()))
@@ -117,8 +165,9 @@ def block_index(module_name: str, blocks: BlockList) -> int | None:
     return blocks.index_of(module_name)
 
 
-def linear_modules(model: nn.Module, blocks: BlockList | None = None) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside the blocks, keyed by its ``named_modules()`` name, in order.
+def linear_modules(model: nn.Module, blocks: BlockList | None = None) -> dict[str, nn.Module]:
+    """Every linear layer (:func:`is_linear_layer`) inside the blocks, keyed by its
+    ``named_modules()`` name, in order.
 
     Under peft this includes the wrapped ``...q_proj.base_layer`` and the adapter's
     ``...q_proj.lora_A.default`` / ``lora_B.default`` layers, since all are ``nn.Linear``.
@@ -130,19 +179,20 @@ def linear_modules(model: nn.Module, blocks: BlockList | None = None) -> dict[st
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and blocks.index_of(name) is not None
+        if is_linear_layer(module) and blocks.index_of(name) is not None
     }
 
 
 def resolve_modules(
     model: nn.Module, modules: Iterable[str] | None, blocks: BlockList | None
-) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers to score: the default set, or exactly the names given.
+) -> dict[str, nn.Module]:
+    """The linear layers to score: the default set, or exactly the names given.
 
     Args:
         model: the model whose ``named_modules()`` names are used.
-        modules: None for every ``nn.Linear`` inside the blocks, or an iterable of exact module
-            names (any ``nn.Linear`` of the model, also outside the blocks, e.g. ``"lm_head"``).
+        modules: None for every linear layer inside the blocks, or an iterable of exact module
+            names (any ``nn.Linear`` or ``Conv1D`` of the model, also outside the blocks, e.g.
+            ``"lm_head"``).
         blocks: the block list, or None when the model has none (then ``modules`` is required).
 
     Raises:
@@ -165,9 +215,12 @@ def resolve_modules(
     if unknown:
         raise ValueError(
             f"unknown module names {unknown[:5]}; pass names exactly as model.named_modules() "
-            f"yields them, e.g. {[n for n, m in by_name.items() if isinstance(m, nn.Linear)][:3]}"
+            f"yields them, e.g. {[n for n, m in by_name.items() if is_linear_layer(m)][:3]}"
         )
-    not_linear = [name for name in wanted if not isinstance(by_name[name], nn.Linear)]
+    not_linear = [name for name in wanted if not is_linear_layer(by_name[name])]
     if not_linear:
-        raise ValueError(f"modules must name nn.Linear layers; these are not: {not_linear[:5]}")
+        raise ValueError(
+            f"modules must name linear layers (nn.Linear or Conv1D); these are not: "
+            f"{not_linear[:5]}"
+        )
     return {name: by_name[name] for name in wanted}

@@ -1,66 +1,120 @@
-"""The per-estimator accumulators: what each estimator does with one layer's ``(x, delta)``.
+"""The Fisher estimators, one class each, in a registry (:data:`ESTIMATORS`).
 
-Each accumulator receives, during backward, a layer's input ``x`` ``(B, ..., d_in)`` and output
-gradient ``delta`` ``(B, ..., d_out)`` (see :class:`~stiefel_peft.fisher.capture.LinearCapture`),
-adds to running sums, and turns them into one score per module at the end. Which loss the
-``delta`` belongs to (per-example losses, the batch loss, sampled labels) is decided by the
-caller in :mod:`stiefel_peft.fisher.estimate`.
+An estimator says which loss its backward pass differentiates (:attr:`Estimator.loss`: each
+example's own loss, the batch loss, or labels drawn from the model), receives during that
+backward each scored layer's input ``x`` ``(B, ..., d_in)`` and output gradient ``delta``
+``(B, ..., d_out)`` (see :class:`~stiefel_peft.fisher.capture.LinearCapture`), keeps running
+sums, and turns them into one score per module. :func:`~stiefel_peft.fisher.estimate_fisher`
+runs the passes; a researcher adds an estimator with :func:`register_estimator` and never
+edits it::
+
+    @register_estimator("my_score")
+    class MyScore(Estimator):
+        loss = PER_EXAMPLE
+        def on_gradient(self, name, x, delta): ...
+        def running_sums(self): ...
+        def finish(self, count): ...
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from stiefel_peft.fisher.blocks import dense_weight
 from stiefel_peft.fisher.norms import squared_gradient_norms, token_squared_norms
 
 __all__ = [
-    "BatchSquaredAccumulator",
-    "KfacTraceAccumulator",
-    "PerExampleAccumulator",
-    "TaylorAccumulator",
+    "BATCH",
+    "ESTIMATORS",
+    "PER_EXAMPLE",
+    "SAMPLED",
+    "BatchShape",
+    "Estimator",
+    "register_estimator",
 ]
+
+PER_EXAMPLE = "per_example"  # backward of sum_n loss_n: row n of delta is example n's gradient
+SAMPLED = "sampled"  # the same, with labels drawn from the model's predictive distribution
+BATCH = "batch"  # backward of the batch loss model(**batch).loss
+LOSSES = (PER_EXAMPLE, SAMPLED, BATCH)
 
 
 def _accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _grouped(tensor: torch.Tensor, batch_size: int, seq_len: int, name: str) -> torch.Tensor:
-    """``(B, ..., d) -> (B, T, d)``, the tokens of each example in one row.
+class BatchShape:
+    """What an estimator may know of the current batch: its size, sequence length and mask."""
 
-    A layer fed with tokens flattened batch-major, ``(B * seq_len, d)`` (OPT's MLP does
-    ``hidden.reshape(-1, d)``), is regrouped the same way; any other leading size raises.
+    def __init__(
+        self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None = None
+    ) -> None:
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.attention_mask = attention_mask
+
+    def grouped(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """``(B, ..., d) -> (B, T, d)``, the tokens of each example in one row.
+
+        A layer fed with tokens flattened batch-major, ``(B * seq_len, d)`` (OPT's MLP does
+        ``hidden.reshape(-1, d)``), is regrouped the same way; any other leading size raises.
+        """
+        if (
+            tensor.dim() == 2
+            and self.seq_len > 0
+            and tensor.shape[0] == self.batch_size * self.seq_len
+        ):
+            return tensor.reshape(self.batch_size, self.seq_len, tensor.shape[-1])  # (B, T, d)
+        if tensor.dim() < 2 or tensor.shape[0] != self.batch_size:
+            raise ValueError(
+                f"module {name!r} saw a tensor of shape {tuple(tensor.shape)} whose first "
+                f"dimension is not the batch size {self.batch_size}: its tokens cannot be "
+                "assigned to examples; leave it out of modules="
+            )
+        return tensor.reshape(self.batch_size, -1, tensor.shape[-1])  # (B, T, d)
+
+
+class Estimator:
+    """Base class of the estimators: running sums over ``(x, delta)`` pairs, then scores.
+
+    Class attributes a subclass sets:
+        loss: :data:`PER_EXAMPLE`, :data:`SAMPLED` or :data:`BATCH` (which backward feeds it).
+        count: ``"examples"`` or ``"batches"``: what :meth:`finish` divides by.
+
+    Hooks: :meth:`start_batch` (before each forward), :meth:`on_gradient` (during backward),
+    :meth:`running_sums` (the tensors :meth:`all_reduce` sums over processes, in an order
+    that is the same on every process), :meth:`finish` (the scores).
     """
-    if tensor.dim() == 2 and seq_len > 0 and tensor.shape[0] == batch_size * seq_len:
-        return tensor.reshape(batch_size, seq_len, tensor.shape[-1])  # (B*T, d) -> (B, T, d)
-    if tensor.dim() < 2 or tensor.shape[0] != batch_size:
-        raise ValueError(
-            f"module {name!r} saw a tensor of shape {tuple(tensor.shape)} whose first dimension "
-            f"is not the batch size {batch_size}: its tokens cannot be assigned to examples; "
-            "leave it out of modules="
-        )
-    return tensor.reshape(batch_size, -1, tensor.shape[-1])  # (B, T, d)
 
+    name: ClassVar[str] = ""
+    loss: ClassVar[str] = PER_EXAMPLE
+    count: ClassVar[str] = "examples"
 
-class _Accumulator:
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
-        self.batch_size = 0
-        self.seq_len = 0
-        self.attention_mask: torch.Tensor | None = None
+        self.shape = BatchShape(0, 0)
 
-    def _grouped(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        return _grouped(tensor, self.batch_size, self.seq_len, name)
+    def start_batch(self, shape: BatchShape) -> None:
+        """Called before each forward pass with the batch's shape."""
+        self.shape = shape
 
-    def _zero(self, module: nn.Linear) -> torch.Tensor:
-        device = module.weight.device
-        return torch.zeros((), dtype=_accumulator_dtype(device), device=device)
+    def on_gradient(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def running_sums(self) -> list[torch.Tensor]:
-        """The running sums, in an order fixed by ``modules`` (the same on every process)."""
         raise NotImplementedError
+
+    def finish(self, count: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _zero(self, module: nn.Module) -> torch.Tensor:
+        device = next(module.parameters()).device
+        return torch.zeros((), dtype=_accumulator_dtype(device), device=device)
 
     def all_reduce(self, process_group: dist.ProcessGroup | None) -> None:
         """Sum :meth:`running_sums` over the processes of ``process_group``, in place.
@@ -76,21 +130,58 @@ class _Accumulator:
             total.copy_(piece.view(total.shape))
 
 
-class PerExampleAccumulator(_Accumulator):
-    """``sum_n ||grad_W loss_n||^2 + ||grad_b loss_n||^2`` per module (empirical, sampled).
+ESTIMATORS: dict[str, type[Estimator]] = {}
 
-    ``delta`` must come from the backward of ``sum_n loss_n``, so that row n of ``delta`` is
-    the output gradient of example n's own loss. ``finish(count)`` divides by ``count``.
+
+def register_estimator(
+    name: str, *, replace: bool = False
+) -> Callable[[type[Estimator]], type[Estimator]]:
+    """Class decorator that adds an :class:`Estimator` subclass to :data:`ESTIMATORS`.
+
+    Every consumer (``estimate_fisher``, ``FoRAConfig(estimator=...)``, the CLI) then accepts
+    ``name``.
+
+    Raises:
+        ValueError: ``name`` is empty or taken (without ``replace``), or the class is not an
+            Estimator with a known ``loss`` and ``count``.
     """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a non-empty string, got {name!r}")
+    if name in ESTIMATORS and not replace:
+        raise ValueError(
+            f"an estimator named {name!r} is already registered; pick another name or pass "
+            "`replace=True`"
+        )
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    def decorator(cls: type[Estimator]) -> type[Estimator]:
+        if not (isinstance(cls, type) and issubclass(cls, Estimator)):
+            raise ValueError(f"register_estimator decorates Estimator subclasses, got {cls!r}")
+        if cls.loss not in LOSSES or cls.count not in ("examples", "batches"):
+            raise ValueError(
+                f"{cls.__name__}.loss must be one of {LOSSES} and .count 'examples' or "
+                f"'batches', got {cls.loss!r} and {cls.count!r}"
+            )
+        cls.name = name
+        ESTIMATORS[name] = cls
+        return cls
+
+    return decorator
+
+
+class _SquaredNorms(Estimator):
+    """``sum_groups ||grad_W||^2 + ||grad_b||^2`` per module; subclasses choose the groups."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         super().__init__(modules)
         self.sums = {name: self._zero(module) for name, module in modules.items()}
 
+    def groups(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
     def on_gradient(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
-        bias = self.modules[name].bias is not None
+        bias = getattr(self.modules[name], "bias", None) is not None
         weight, bias_norms = squared_gradient_norms(
-            self._grouped(x, name), self._grouped(delta, name), bias=bias
+            self.groups(x, name), self.groups(delta, name), bias=bias
         )
         self.sums[name] += (weight + bias_norms).sum().to(self.sums[name].dtype)
 
@@ -101,44 +192,64 @@ class PerExampleAccumulator(_Accumulator):
         return {name: float(total) / count for name, total in self.sums.items()}
 
 
-class BatchSquaredAccumulator(_Accumulator):
-    """``sum_b ||grad_W L_b||^2 + ||grad_b L_b||^2`` for the batch losses ``L_b``.
+@register_estimator("empirical")
+class EmpiricalFisher(_SquaredNorms):
+    """``(1/N) sum_n ||grad_theta loss_n||^2``, exact, per example (the paper's score).
 
-    Every token of the batch is one group: ``grad_W L_b = sum_{n,t} delta_{n,t} x_{n,t}^T``.
+    From one batched backward of ``sum_n loss_n`` and the layers' inputs and output gradients
+    (:mod:`stiefel_peft.fisher.norms`); no weight gradient is ever formed.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
-        super().__init__(modules)
-        self.sums = {name: self._zero(module) for name, module in modules.items()}
+    loss = PER_EXAMPLE
 
-    def on_gradient(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
-        bias = self.modules[name].bias is not None
-        x_all = x.reshape(1, -1, x.shape[-1])  # (1, B*T, d_in): one group, all tokens
-        delta_all = delta.reshape(1, -1, delta.shape[-1])  # (1, B*T, d_out)
-        weight, bias_norms = squared_gradient_norms(x_all, delta_all, bias=bias)
-        self.sums[name] += (weight + bias_norms).sum().to(self.sums[name].dtype)
-
-    def running_sums(self) -> list[torch.Tensor]:
-        return list(self.sums.values())
-
-    def finish(self, count: int) -> dict[str, float]:
-        return {name: float(total) / count for name, total in self.sums.items()}
+    def groups(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return self.shape.grouped(tensor, name)  # (B, T, d): one group per example
 
 
-class TaylorAccumulator(_Accumulator):
-    """Running ``sum_b grad_W L_b`` (weight-sized, fp32 or fp64) for the Taylor score.
+@register_estimator("sampled")
+class SampledFisher(EmpiricalFisher):
+    """``(1/(N S)) sum_n sum_s ||grad_theta loss_n(y_{n,s})||^2`` with ``y ~ p_theta(y | x_n)``:
+    the Monte Carlo estimate of the true Fisher (S = ``num_samples``)."""
 
-    ``finish(count)`` returns ``sum_ij |W_ij g_ij| + sum_i |b_i g_i|`` with
-    ``g = (1/count) sum_b grad L_b``.
+    loss = SAMPLED
+
+
+@register_estimator("empirical_batch")
+class BatchSquaredFisher(_SquaredNorms):
+    """``(1/M) sum_b ||grad_theta L_b||^2`` for the batch losses ``L_b``, the official FoRA
+    code's score; it estimates ``||mean gradient||^2 + variance / B`` (depends on B)."""
+
+    loss = BATCH
+    count = "batches"
+
+    def groups(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return tensor.reshape(1, -1, tensor.shape[-1])  # (1, B*T, d): one group, all tokens
+
+
+@register_estimator("taylor")
+class TaylorScore(Estimator):
+    """``sum_ij |W_ij g_ij| + sum_i |b_i g_i|`` with ``g = (1/M) sum_b grad L_b``.
+
+    Keeps a weight-sized running gradient (float32, float64 for float64 layers), so it needs
+    a plain dense weight: a packed (quantized) layer raises at construction.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    loss = BATCH
+    count = "batches"
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         super().__init__(modules)
+        self.weights = {
+            name: dense_weight(module, name, "taylor") for name, module in modules.items()
+        }
         self.weight_grads: dict[str, torch.Tensor] = {}
         self.bias_grads: dict[str, torch.Tensor] = {}
 
+    def _dtype(self, name: str) -> torch.dtype:
+        return torch.float64 if self.weights[name].dtype == torch.float64 else torch.float32
+
     def on_gradient(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = self._dtype(name)
         x_all = x.reshape(-1, x.shape[-1]).to(dtype)  # (B*T, d_in)
         delta_all = delta.reshape(-1, delta.shape[-1]).to(dtype)  # (B*T, d_out)
         weight_grad = delta_all.T @ x_all  # (d_out, d_in): sum over every token of the batch
@@ -146,7 +257,7 @@ class TaylorAccumulator(_Accumulator):
             self.weight_grads[name] += weight_grad
         else:
             self.weight_grads[name] = weight_grad
-        if self.modules[name].bias is not None:
+        if getattr(self.modules[name], "bias", None) is not None:
             bias_grad = delta_all.sum(dim=0)  # (d_out,)
             self.bias_grads[name] = self.bias_grads.get(name, 0) + bias_grad
 
@@ -154,13 +265,14 @@ class TaylorAccumulator(_Accumulator):
         # a process that saw no batch has no sums yet: zeros keep every process's list aligned
         sums = []
         for name, module in self.modules.items():
-            dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+            weight = self.weights[name]
             if name not in self.weight_grads:
-                self.weight_grads[name] = module.weight.new_zeros(module.weight.shape, dtype=dtype)
+                self.weight_grads[name] = weight.new_zeros(weight.shape, dtype=self._dtype(name))
             sums.append(self.weight_grads[name])
-            if module.bias is not None:
+            bias = getattr(module, "bias", None)
+            if bias is not None:
                 if not torch.is_tensor(self.bias_grads.get(name)):
-                    self.bias_grads[name] = module.bias.new_zeros(module.bias.shape, dtype=dtype)
+                    self.bias_grads[name] = bias.new_zeros(bias.shape, dtype=self._dtype(name))
                 sums.append(self.bias_grads[name])
         return sums
 
@@ -170,48 +282,52 @@ class TaylorAccumulator(_Accumulator):
             if name not in self.weight_grads:
                 scores[name] = 0.0
                 continue
-            weight = module.weight.detach().to(self.weight_grads[name].dtype)
+            weight = self.weights[name].detach().to(self.weight_grads[name].dtype)
             score = (weight * self.weight_grads[name]).abs().sum() / count
-            if module.bias is not None:
-                bias = module.bias.detach().to(self.bias_grads[name].dtype)
-                score = score + (bias * self.bias_grads[name]).abs().sum() / count
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                bias_values = bias.detach().to(self.bias_grads[name].dtype)
+                score = score + (bias_values * self.bias_grads[name]).abs().sum() / count
             scores[name] = float(score)
         return scores
 
 
-class KfacTraceAccumulator(_Accumulator):
+@register_estimator("kfac_trace")
+class KfacTrace(Estimator):
     """Token sums for ``tr(A) tr(G)``.
 
     ``A = (1/|V|) sum_{(n,t) in V} x~ x~^T`` over the valid tokens V (``attention_mask == 1``
     when its shape matches the layer's token grid, else all tokens), with ``x~ = [x, 1]`` when
     the layer has a bias; ``G = (1/N) sum_n sum_t delta_{n,t} delta_{n,t}^T`` with ``delta``
     from the per-example losses. So ``tr(A) = mean_V ||x~||^2`` and
-    ``tr(G) = (1/N) sum_{n,t} ||delta_{n,t}||^2``.
+    ``tr(G) = (1/N) sum_{n,t} ||delta_{n,t}||^2``. ``A`` is accumulated once per forward.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    loss = PER_EXAMPLE
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         super().__init__(modules)
         self.input_sums = {name: self._zero(module) for name, module in modules.items()}
         self.token_counts = {name: self._zero(module) for name, module in modules.items()}
         self.gradient_sums = {name: self._zero(module) for name, module in modules.items()}
         self._seen_forward: set[str] = set()
 
-    def start_forward(self) -> None:
-        """Call before each forward: A is accumulated once per forward, not per backward."""
-        self._seen_forward.clear()
+    def start_batch(self, shape: BatchShape) -> None:
+        super().start_batch(shape)
+        self._seen_forward.clear()  # a new forward: its inputs are counted once
 
     def on_gradient(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
-        grouped_delta = self._grouped(delta, name)  # (B, T, d_out)
-        self.gradient_sums[name] += token_squared_norms(grouped_delta).sum().to(
-            self.gradient_sums[name].dtype
+        grouped_delta = self.shape.grouped(delta, name)  # (B, T, d_out)
+        self.gradient_sums[name] += (
+            token_squared_norms(grouped_delta).sum().to(self.gradient_sums[name].dtype)
         )
         if name in self._seen_forward:
             return
         self._seen_forward.add(name)
-        input_norms = token_squared_norms(self._grouped(x, name))  # (B, T) one value per token
-        if self.modules[name].bias is not None:
+        input_norms = token_squared_norms(self.shape.grouped(x, name))  # (B, T) one per token
+        if getattr(self.modules[name], "bias", None) is not None:
             input_norms = input_norms + 1  # the bias column of x~ = [x, 1]
-        mask = self.attention_mask
+        mask = self.shape.attention_mask
         if mask is not None and tuple(mask.shape) == tuple(input_norms.shape):
             valid = mask.to(input_norms.dtype)
         else:

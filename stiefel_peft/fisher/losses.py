@@ -29,6 +29,7 @@ from torch import nn
 __all__ = [
     "CAUSAL_LM",
     "HEAD_KINDS",
+    "IGNORE_INDEX",
     "UNKNOWN",
     "check_against_batch_loss",
     "head_kind",
@@ -101,8 +102,10 @@ def per_example_losses(
         # shift the labels, not the logits: no (B, T-1, V) copy
         shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
         token_losses = F.cross_entropy(
-            logits.reshape(batch * tokens, vocab), shifted.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="none",
+            logits.reshape(batch * tokens, vocab),
+            shifted.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
         ).view(batch, tokens)  # (B, T), 0 where ignored
         counts = (shifted != IGNORE_INDEX).sum(dim=1)  # (B,)
         return token_losses.sum(dim=1) / counts.clamp(min=1).to(dtype), counts.to(dtype)

@@ -93,7 +93,9 @@ class FoRAConfig:
                 raise ValueError("`target_modules` is empty; pass None for the default scheme")
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {self.estimator!r}")
+            raise ValueError(
+                f"`estimator` must be one of {list(ESTIMATORS)}, got {self.estimator!r}"
+            )
         if self.retraction not in RETRACTIONS:
             raise ValueError(
                 f"`retraction` must be one of {sorted(RETRACTIONS)}, got {self.retraction!r}"

@@ -200,3 +200,66 @@ def test_length_grouped_batches_cover_every_example_once_and_cut_padding() -> No
 
     random_groups = [list(range(i, min(i + 16, 200))) for i in range(0, 200, 16)]
     assert padding(groups) < 0.5 * padding(random_groups)
+
+
+def test_an_output_that_cannot_be_created_stops_before_the_model_loads(
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import stiefel_peft.cli.finetune as finetune
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(finetune, "load_model", no_loading)
+    regular_file = tmp_path / "taken"
+    regular_file.write_text("not a folder")
+    cases = {
+        str(regular_file / "run"): "cannot be created",  # a path under a regular file
+        "/proc/stiefel-peft-run": "cannot be created",  # a virtual file system
+        str(regular_file): "is a file",
+    }
+    for output, message in cases.items():
+        code = main(_finetune_arguments(tiny_model_folder, tiny_csv, Path(output)))
+        error = capsys.readouterr().err.strip()
+        assert code == 2
+        assert len(error.splitlines()) == 1 and message in error, error
+
+
+def test_output_is_checked_once_and_created_before_loading(
+    tiny_csv: Path, tmp_path: Path, capsys
+) -> None:
+    from stiefel_peft.cli.arguments import UsageError, build_parser, check
+
+    regular_file = tmp_path / "taken"
+    regular_file.write_text("x")
+    arguments = build_parser().parse_args(
+        ["finetune", "--data", str(tiny_csv), "--output", str(regular_file / "run")]
+    )
+    with pytest.raises(UsageError, match="cannot be created"):
+        check(arguments)
+    defaults = build_parser().parse_args(["finetune"])
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(tmp_path)
+        check(defaults)
+    finally:
+        os.chdir(cwd)
+    created = tmp_path / defaults.output
+    assert created.is_dir() and not any(created.iterdir())  # created, empty, and remembered
+    assert defaults.output.startswith("runs/finetune-")
+
+
+def test_missing_matplotlib_skips_the_plot_with_one_warning(
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    output = tmp_path / "run"
+    arguments = _finetune_arguments(tiny_model_folder, tiny_csv, output)
+    arguments[arguments.index("--steps") + 1] = "2"
+    assert main(arguments) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "matplotlib" in line]
+    assert len(warnings) == 1 and "fisher_scores.png" in warnings[0]
+    assert (output / "fora_report.json").is_file() and (output / "adapter_config.json").is_file()
+    assert not (output / "fisher_scores.png").exists()

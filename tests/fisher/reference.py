@@ -101,9 +101,11 @@ def kfac_trace(model: nn.Module, batches: list[dict]) -> dict[str, float]:
             captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             handles = []
             for name, module in modules.items():
+
                 def hook(module, args, output, name=name, captured=captured):
                     output.retain_grad()
                     captured[name] = (args[0].detach(), output)
+
                 handles.append(module.register_forward_hook(hook))
             try:
                 _with_grads(model)
@@ -126,3 +128,32 @@ def kfac_trace(model: nn.Module, batches: list[dict]) -> dict[str, float]:
                 a_counts[name] += x.shape[0]
                 g_sums[name] += float(torch.trace(g_matrix))
     return {name: (a_sums[name] / a_counts[name]) * (g_sums[name] / count) for name in modules}
+
+
+def sample_like_the_model(
+    logits: torch.Tensor, labels: torch.Tensor | None, causal: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Labels drawn from ``softmax(logits)``, written independently of the library.
+
+    The documented protocol: a causal LM draws at every position ``t`` whose *next* label
+    ``labels[n, t + 1]`` is not -100, in row-major order, with one ``torch.multinomial`` call on
+    the float64 probabilities of those positions, and writes the draw to ``t + 1``; a
+    classifier draws one class per example.
+    """
+    if not causal:
+        probabilities = torch.softmax(logits.double(), dim=-1)  # (B, C)
+        return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+    rows, columns = [], []
+    for n in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if int(labels[n, t + 1]) != -100:
+                rows.append(n)
+                columns.append(t)
+    drawn = torch.full_like(labels, -100)
+    if rows:
+        picked = torch.stack([logits[n, t] for n, t in zip(rows, columns, strict=True)])
+        probabilities = torch.softmax(picked.double(), dim=-1)  # (P, V)
+        values = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        for (n, t), value in zip(zip(rows, columns, strict=True), values.tolist(), strict=True):
+            drawn[n, t + 1] = value
+    return drawn

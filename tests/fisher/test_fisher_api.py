@@ -20,11 +20,14 @@ def snapshot(model: torch.nn.Module) -> dict:
     return {
         "values": {name: p.detach().clone() for name, p in model.named_parameters()},
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "grad": {name: None if p.grad is None else p.grad.clone()
-                 for name, p in model.named_parameters()},
+        "grad": {
+            name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()
+        },
         "training": {name: m.training for name, m in model.named_modules()},
-        "hooks": {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for name, m in model.named_modules()},
+        "hooks": {
+            name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for name, m in model.named_modules()
+        },
     }
 
 
@@ -122,8 +125,11 @@ def test_per_block_is_the_sum_of_its_modules(estimator):
     scores = estimate_fisher(case.build(), [case.make_batch(2, 8, 0)], estimator)
     assert sorted(scores.per_block) == list(range(case.num_blocks))
     for index, total in scores.per_block.items():
-        parts = [v for name, v in scores.per_module.items()
-                 if name.startswith(f"{scores.blocks_path}.{index}.")]
+        parts = [
+            v
+            for name, v in scores.per_module.items()
+            if name.startswith(f"{scores.blocks_path}.{index}.")
+        ]
         assert total == pytest.approx(math.fsum(parts), rel=1e-12)
         assert total > 0
     assert scores.block_ranking()[0] == max(scores.per_block, key=scores.per_block.get)
@@ -195,10 +201,119 @@ def test_errors_say_what_to_pass():
         estimate_fisher(model, [batch], max_batches=0)
     with pytest.raises(ValueError, match="unknown module names"):
         estimate_fisher(model, [batch], modules=["nope"])
-    with pytest.raises(ValueError, match="every label is -100"):
-        estimate_fisher(model, [{**batch, "labels": torch.full_like(batch["labels"], -100)}])
+    unlabelled = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    for estimator in ESTIMATORS:  # the same error from every estimator
+        with pytest.raises(ValueError, match="no example has a labelled token"):
+            estimate_fisher(model, [unlabelled], estimator)
     with pytest.raises(ValueError, match="dict of tensors"):
         estimate_fisher(model, [(batch["input_ids"],)])
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "empirical_batch", "taylor", "kfac_trace"])
+def test_batches_without_a_labelled_token_are_left_out(estimator):
+    case = tiny_model_case("llama")
+    model = case.build(dtype=torch.float64)
+    batch = case.make_batch(3, 8, 1)
+    empty = {**case.make_batch(2, 6, 2)}
+    empty["labels"] = torch.full_like(empty["labels"], -100)
+    alone = estimate_fisher(model, [batch], estimator)
+    mixed = estimate_fisher(model, [batch, empty], estimator)
+    assert mixed.num_batches == 2 and mixed.num_examples == alone.num_examples
+    for name, value in alone.per_module.items():
+        assert mixed.per_module[name] == pytest.approx(value, rel=1e-12, abs=1e-300)
+
+
+def test_missing_label_hints_say_what_works():
+    llama, bert = tiny_model_case("llama"), tiny_model_case("bert")
+    batch = llama.make_batch(2, 6, 0)
+    del batch["labels"]
+    with pytest.raises(ValueError, match="labels=input_ids to sample") as caught:
+        estimate_fisher(llama.build(), [batch], "sampled")
+    assert "use estimator='sampled'" not in str(caught.value)
+    with pytest.raises(ValueError, match="labels=input_ids scores every"):
+        estimate_fisher(llama.build(), [batch], "empirical")
+    classification = bert.make_batch(2, 6, 0)
+    del classification["labels"]
+    with pytest.raises(ValueError, match="use estimator='sampled'"):
+        estimate_fisher(bert.build(), [classification], "empirical")
+
+
+class _PlainNetwork(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.encoder(features)))
+
+
+def test_a_model_without_blocks_or_hugging_face_calls_gets_accurate_hints():
+    model = _PlainNetwork()
+    batch = {"input_ids": torch.randn(3, 8), "labels": torch.tensor([0, 1, 0])}
+    with pytest.raises(ValueError, match="modules=.*Hugging Face"):
+        estimate_fisher(model, [batch])
+    with pytest.raises(ValueError, match=r"model\(\*\*batch\) failed.*keyword arguments"):
+        estimate_fisher(model, [batch], modules=["encoder", "head"])
+
+
+class _PackedLinear(torch.nn.Linear):
+    """A stand-in for a quantized layer: the parameter is packed bytes, the math dequantizes."""
+
+    def __init__(self, dense: torch.nn.Linear) -> None:
+        super().__init__(dense.in_features, dense.out_features, bias=dense.bias is not None)
+        self.register_buffer("dense", dense.weight.detach().clone())
+        packed = torch.zeros(dense.weight.numel() // 2, 1, dtype=torch.uint8)
+        self.weight = torch.nn.Parameter(packed, requires_grad=False)
+        if dense.bias is not None:
+            self.bias = torch.nn.Parameter(dense.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.dense, self.bias)
+
+
+def test_taylor_refuses_a_packed_weight_and_empirical_scores_it():
+    case = tiny_model_case("llama")
+    model = case.build(dtype=torch.float64)
+    name = "model.layers.0.mlp.down_proj"
+    parent = model.get_submodule("model.layers.0.mlp")
+    parent.down_proj = _PackedLinear(parent.down_proj)
+    batch = case.make_batch(2, 6, 0)
+    with pytest.raises(ValueError, match=f"{name!r}.*packed or quantized.*'empirical'"):
+        estimate_fisher(model, [batch], "taylor")
+    assert estimate_fisher(model, [batch], "empirical").per_module[name] > 0
+
+
+def test_a_registered_estimator_is_accepted_everywhere():
+    from stiefel_peft.fisher import Estimator, register_estimator
+    from stiefel_peft.fisher.estimators import ESTIMATORS as registry
+
+    @register_estimator("output_gradient_norm")
+    class OutputGradientNorm(Estimator):
+        def __init__(self, modules):
+            super().__init__(modules)
+            self.sums = {name: torch.zeros((), dtype=torch.float64) for name in modules}
+
+        def on_gradient(self, name, x, delta):
+            self.sums[name] += delta.double().square().sum()
+
+        def running_sums(self):
+            return list(self.sums.values())
+
+        def finish(self, count):
+            return {name: float(total) / count for name, total in self.sums.items()}
+
+    try:
+        case = tiny_model_case("llama")
+        scores = estimate_fisher(case.build(), [case.make_batch(2, 6, 0)], "output_gradient_norm")
+        assert all(value > 0 for value in scores.per_block.values())
+        from stiefel_peft.fora import FoRAConfig
+
+        assert FoRAConfig(estimator="output_gradient_norm").estimator == "output_gradient_norm"
+        with pytest.raises(ValueError, match="already registered"):
+            register_estimator("output_gradient_norm")(OutputGradientNorm)
+    finally:
+        registry.pop("output_gradient_norm", None)
 
 
 def test_sampled_classifier_needs_no_labels():
@@ -211,7 +326,7 @@ def test_sampled_classifier_needs_no_labels():
 
 scores_strategy = st.builds(
     FisherScores,
-    estimator=st.sampled_from(ESTIMATORS),
+    estimator=st.sampled_from(sorted(ESTIMATORS)),
     per_module=st.dictionaries(st.text(min_size=1, max_size=12), st.floats(allow_nan=False)),
     per_block=st.dictionaries(st.integers(0, 100), st.floats(allow_nan=False)),
     num_examples=st.integers(0, 10**6),

@@ -11,16 +11,21 @@ from stiefel_peft.fisher.norms import prefers_gram, squared_gradient_norms
 from tests.tolerances import CLOSE
 
 shapes = st.tuples(
-    st.integers(1, 4), st.integers(1, 9), st.integers(1, 12), st.integers(1, 12),
+    st.integers(1, 4),
+    st.integers(1, 9),
+    st.integers(1, 12),
+    st.integers(1, 12),
     st.integers(0, 2**16),
 )
 
 
 def dense(x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = torch.stack([  # (G, d_out, d_in): sum_t delta_t x_t^T, one outer product at a time
-        sum(torch.outer(d, v) for d, v in zip(dn, xn, strict=True))
-        for dn, xn in zip(delta, x, strict=True)
-    ])
+    weight = torch.stack(
+        [  # (G, d_out, d_in): sum_t delta_t x_t^T, one outer product at a time
+            sum(torch.outer(d, v) for d, v in zip(dn, xn, strict=True))
+            for dn, xn in zip(delta, x, strict=True)
+        ]
+    )
     return weight.square().sum(dim=(1, 2)), delta.sum(dim=1).square().sum(dim=1)
 
 

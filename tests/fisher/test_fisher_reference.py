@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stiefel_peft.fisher import estimate_fisher
-from stiefel_peft.fisher.losses import head_kind, sample_labels
+from stiefel_peft.fisher.losses import CAUSAL_LM, head_kind
 from tests.fisher import reference
 from tests.tiny_models import TINY_MODELS, tiny_model_case
 
@@ -66,7 +66,8 @@ def test_kfac_trace_matches_explicit_factors(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sampled_matches_empirical_on_the_drawn_labels(name):
-    """Redraw the estimator's labels with the same seeded generator, then brute-force."""
+    """Redraw the labels with an independent sampler on the same seeded generator, then
+    brute-force the empirical Fisher of those labels."""
     case = tiny_model_case(name)
     model = case.build(seed=0, dtype=torch.float64)
     batches = batches_for(case)
@@ -77,9 +78,9 @@ def test_sampled_matches_empirical_on_the_drawn_labels(name):
     for batch in batches:
         with torch.no_grad():
             logits = model(**batch).logits
-        kind = head_kind(model, batch["labels"])
+        causal = head_kind(model, batch["labels"]) == CAUSAL_LM
         for _ in range(num_samples):
-            drawn = sample_labels(kind, logits, batch["labels"], generator)
+            drawn = reference.sample_like_the_model(logits, batch["labels"], causal, generator)
             drawn_batches.append({**batch, "labels": drawn})
     assert scores.num_examples == 5 * num_samples
     assert_scores_close(scores.per_module, reference.empirical(model, drawn_batches))
@@ -119,6 +120,7 @@ def test_gram_and_outer_forms_agree_on_a_model(monkeypatch):
     batches = batches_for(case)
     results = []
     for method in ("gram", "outer"):
+
         def forced(inputs, output_grads, *, bias, method=method):
             return norms.squared_gradient_norms(inputs, output_grads, bias=bias, method=method)
 
