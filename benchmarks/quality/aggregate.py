@@ -56,6 +56,22 @@ def read_results(folders: list[Path]) -> list[dict[str, Any]]:
     ]
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def interval_95(values: list[float]) -> tuple[float, float]:
+    """The 95 % t-interval of the mean of ``values`` (paired differences over seeds)."""
+    mean, std = _mean_std(values)
+    if len(values) < 2:
+        return mean, mean
+    quantile = T_975[len(values) - 2] if len(values) - 1 <= len(T_975) else 1.96
+    half = quantile * std / len(values) ** 0.5
+    return mean - half, mean + half
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -165,7 +181,7 @@ def paired(
                     value -= methods[second[0]][seed] - methods[second[1]][seed]
                 differences.append(value)
             mean, std = _mean_std(differences)
-            wins = sum(d > 0 for d in differences)
+            low, high = interval_95(differences)
             rows.append(
                 {
                     "model": model,
@@ -174,24 +190,30 @@ def paired(
                     "seeds": seeds,
                     "mean": mean,
                     "std": std,
-                    "positive": wins,
+                    "interval_95": [low, high],
+                    "positive": sum(d > 0 for d in differences),
+                    "negative": sum(d < 0 for d in differences),
                 }
             )
     return rows
 
 
 def paired_markdown(rows: list[dict[str, Any]]) -> str:
-    """The paired differences in points (mean ± std over seeds, seeds where positive)."""
+    """The paired differences in points: mean ± std over seeds, its 95 % t-interval, and the
+    seeds where it is positive / negative (the rest tied)."""
     if not rows:
         return ""
     lines = [
-        "| model | task | comparison | difference (points) | positive in |",
-        "|---|---|---|---:|---:|",
+        "| model | task | comparison | difference (points) | 95 % interval | seeds + / − / = |",
+        "|---|---|---|---:|---:|---:|",
     ]
     for row in rows:
+        low, high = row["interval_95"]
+        tied = len(row["seeds"]) - row["positive"] - row["negative"]
         lines.append(
             f"| {row['model']} | {row['task']} | {row['comparison']} | "
-            f"{100 * row['mean']:+.1f} ± {100 * row['std']:.1f} | {row['positive']}/{len(row['seeds'])} |"
+            f"{100 * row['mean']:+.1f} ± {100 * row['std']:.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | "
+            f"{row['positive']} / {row['negative']} / {tied} |"
         )
     return "\n".join(lines)
 
@@ -228,7 +250,9 @@ def main(argv: list[str] | None = None) -> str:
     if comparisons:
         text += (
             "\n\nPaired by seed (same data order and held-out set): the difference of the "
-            "held-out metric, mean ± std over seeds, and in how many seeds it is positive.\n\n"
+            "held-out metric, mean ± std over seeds, its 95 % t-interval (an interval that "
+            "excludes 0 is the evidence for a difference), and how many seeds it is positive, "
+            "negative or tied in.\n\n"
             + comparisons
         )
     print(text)
