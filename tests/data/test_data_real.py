@@ -83,4 +83,5 @@ def test_zero_shot_accuracy_is_above_chance(smollm2, rotten_tomatoes: list[dict]
     accuracy = classification_accuracy(
         model, tokenizer, heldout, label_words_for(SENTIMENT_LABEL_NAMES), batch_size=32
     )
-    assert 0.55 <= accuracy <= 0.75  # 0.65 measured; the majority class is 0.58
+    majority = max(sum(e["label"] == k for e in heldout) for k in (0, 1)) / len(heldout)
+    assert accuracy >= majority + 0.03  # the label words carry signal before any training
