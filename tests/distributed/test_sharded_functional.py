@@ -142,3 +142,43 @@ def test_sharded_orthonormalize_and_error() -> None:
     torch.testing.assert_close(
         orthogonality_errors(x, lambda t: None), orthogonality_error(x), atol=1e-10, rtol=0
     )
+
+
+def test_a_non_finite_gradient_in_one_shard_skips_the_frame_on_every_shard() -> None:
+    # the guard reduces ||g||^2 over the shards: a NaN held by one process stops the frame on
+    # both, so the replicated state and the rows stay consistent (ShardedStiefelAdam's policy)
+    n, p, frames = 13, 3, 2
+    x, grad = _problem(frames, n, p, seed=9)
+    grad[1, 10, 0] = float("nan")  # frame 1, a row held by rank 1
+    reduction = _TwoThreadSum()
+    results: list[object] = [None, None]
+    errors: list[BaseException] = []
+
+    def worker(rank: int) -> None:
+        try:
+            rows = slice(0, 7) if rank == 0 else slice(7, n)
+            local = x[:, rows].clone()
+            state = _fresh_state(local, "matrix")
+            state[1] = torch.zeros(frames, 1, 1, dtype=DTYPE)
+            outcome = stiefel_adam_update(
+                local, grad[:, rows].clone(), *state, reduce=reduction.for_rank(rank),
+                **_options("matrix", 1),
+            )  # fmt: skip
+            results[rank] = (outcome, state)
+        except BaseException as error:
+            errors.append(error)
+            reduction.barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    for rank, rows in enumerate((slice(0, 7), slice(7, n))):
+        outcome, state = results[rank]
+        assert outcome.skipped.tolist() == [False, True]
+        assert torch.equal(outcome.point[1], x[1, rows])  # left exactly as it was
+        assert not torch.equal(outcome.point[0], x[0, rows])  # the other frame moved
+        assert torch.equal(state[0][1], torch.zeros_like(state[0][1]))  # its moment too
+        assert torch.isfinite(outcome.point).all()
