@@ -47,7 +47,8 @@ def random_stiefel(
     Args:
         *shape: ``(..., n, p)`` (or one tuple).
         dtype: floating dtype (default: torch's default dtype).
-        device, generator: as for :func:`torch.randn`.
+        device: as for :func:`torch.randn`.
+        generator: as for :func:`torch.randn`.
 
     Raises:
         ValueError: if ``p > n``, ``p == 0`` or ``dtype`` is not floating.

@@ -107,7 +107,9 @@ def inner(
             - \tfrac12 \mathrm{tr}((x^\top u)^\top x^\top v)
 
     Args:
-        x, u, v: ``(..., n, p)``, one dtype; leading dimensions broadcast.
+        x: ``(..., n, p)`` point.
+        u: ``(..., n, p)`` tangent vector, ``x``'s dtype; leading dimensions broadcast.
+        v: ``(..., n, p)`` tangent vector, likewise.
         metric: ``"euclidean"`` or ``"canonical"``.
 
     Returns:

@@ -228,7 +228,8 @@ def retract_cayley_iterative(
     the check passes for ``||v||_F`` up to about 1e-3 (float64) or 1e-1 (float32).
 
     Args:
-        x, v: ``(..., n, p)``; leading dimensions broadcast.
+        x: ``(..., n, p)`` point.
+        v: ``(..., n, p)`` tangent vector; leading dimensions broadcast.
         iterations: fixed-point iterations, >= 1.
         tolerance: acceptance bound on ``||y^T y - x^T x||_F`` (None: 64 eps sqrt(p) of the
             working dtype, :func:`approximation_tolerance`).
@@ -309,7 +310,8 @@ def retract_polar_newton_schulz(
     is replaced by the SVD-based :func:`retract_polar`, so it never leaves the manifold.
 
     Args:
-        x, v: ``(..., n, p)``; leading dimensions broadcast.
+        x: ``(..., n, p)`` point.
+        v: ``(..., n, p)`` tangent vector; leading dimensions broadcast.
         steps: Newton-Schulz steps, >= 1.
         tolerance: acceptance bound on ``||y^T y - I||_F`` (None: 64 eps sqrt(p) of the
             working dtype, :func:`approximation_tolerance`).

@@ -60,7 +60,9 @@ class StiefelAdam(StiefelOptimizer):
             before anything is changed (one host sync per step). See ``docs/optim.md``.
         maximize: ascend instead of descend.
         foreach: passed to torch's AdamW for Euclidean groups.
-        fused, capturable, differentiable: not supported; True raises ``ValueError``.
+        fused: not supported; True raises ``ValueError``.
+        capturable: not supported; True raises ``ValueError``.
+        differentiable: not supported; True raises ``ValueError``.
 
     Raises:
         ValueError: on a bad hyperparameter (named), an unknown group option, a 1-D or

@@ -32,11 +32,21 @@ class StiefelSGD(StiefelOptimizer):
 
     Args:
         params: parameters or param groups (a group may override every option).
-        lr: learning rate (>= 0). momentum: ``mu`` >= 0. dampening: ``tau`` >= 0.
+        lr: learning rate (>= 0).
+        momentum: ``mu`` >= 0.
+        dampening: ``tau`` >= 0.
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         weight_decay: L2 decay for Euclidean groups; must be 0 in a Stiefel group.
-        retraction, retraction_options, stiefel, check_every, nonfinite, maximize,
-        foreach, fused, capturable, differentiable: as for :class:`StiefelAdam`.
+        retraction: as for :class:`StiefelAdam`.
+        retraction_options: as for :class:`StiefelAdam`.
+        stiefel: as for :class:`StiefelAdam`.
+        check_every: as for :class:`StiefelAdam`.
+        nonfinite: as for :class:`StiefelAdam`.
+        maximize: as for :class:`StiefelAdam`.
+        foreach: passed to torch's SGD for Euclidean groups.
+        fused: not supported; True raises ``ValueError``.
+        capturable: not supported; True raises ``ValueError``.
+        differentiable: not supported; True raises ``ValueError``.
 
     Raises:
         ValueError: as :class:`StiefelAdam`, and for Nesterov without momentum.

@@ -168,7 +168,10 @@ def test_paired_comparisons_and_the_interaction_by_seed() -> None:
     assert "FoRA vs DoRA r=32 all" not in rows  # no DoRA results: left out
     table = aggregate.paired_markdown(aggregate.paired(results))
     claim = "FoRA vs LoRA r=32 all (claim 1, half the parameters)"
-    assert f"| m | t | {claim} | +4.3 ± 6.0 | 2/3 |" in table
+    # differences 5, -2, 10 points: mean 4.33, sd 6.03, half width 4.303 * 6.03 / sqrt(3)
+    assert f"| m | t | {claim} | +4.3 ± 6.0 | [-10.6, +19.3] | 2 / 1 / 0 |" in table
+    low, high = first["interval_95"]
+    assert (high - low) / 2 == pytest.approx(4.303 * math.sqrt(109 / 3) / math.sqrt(3) / 100)
 
 
 def test_effective_rank_matches_a_hand_computation() -> None:
