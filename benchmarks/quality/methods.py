@@ -37,7 +37,7 @@ from torch import nn
 
 from stiefel_peft.fisher import FisherScores, find_blocks
 from stiefel_peft.fora import FoRAConfig, apply_fora, fora_optimizer, number_of_selected_blocks
-from stiefel_peft.fora.select import select_top_blocks
+from stiefel_peft.fora import select_top_blocks
 from stiefel_peft.fora.targets import resolve_targets
 from stiefel_peft.geometry import random_stiefel
 

@@ -16,7 +16,7 @@ from stiefel_peft.cli.workflow import (
 from stiefel_peft.data import load_model
 from stiefel_peft.fisher import estimate_fisher
 from stiefel_peft.fora import number_of_selected_blocks
-from stiefel_peft.fora.select import select_top_blocks
+from stiefel_peft.fora import select_top_blocks
 
 
 def run(arguments: argparse.Namespace) -> dict:

@@ -1,8 +1,10 @@
-"""FoRAConfig: every choice of a FoRA run, validated once.
+"""FoRAConfig: every choice of a FoRA run, validated once, and the library's defaults.
 
 Defaults follow the paper (Park et al. 2026, see docs/fora.md): r = 32, alpha = 64 (scaling 2),
 dropout 0.05, adapters on q, k, v, up, down of the top half of the blocks by the per-example
-empirical Fisher, ``lora_B`` kept on the Stiefel manifold with the exact Cayley retraction.
+empirical Fisher, ``lora_B`` kept on the Stiefel manifold with the exact Cayley retraction;
+except the learning rates (:data:`DEFAULT_LR`, :data:`DEFAULT_STIEFEL_LR`), which are this
+module's alone: ``fora_optimizer``, the command line and the quality study read them here.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ from typing import Any
 from stiefel_peft.fisher import ESTIMATORS
 from stiefel_peft.geometry import RETRACTIONS
 
-__all__ = ["FoRAConfig", "number_of_selected_blocks"]
+__all__ = ["DEFAULT_LR", "DEFAULT_STIEFEL_LR", "FoRAConfig", "number_of_selected_blocks"]
 
 STIEFEL_FACTORS = ("B", "A")
+BIASES = ("none", "all", "lora_only")
+# The learning rates of the lora_A (AdamW) and constrained (Stiefel) groups. Not the paper's
+# 2e-4 / 1e-3: A starts at zero, so its rate decides how fast the adapter moves at all, and
+# at 2e-4 a short run barely leaves the base model (docs/fora.md, docs/results.md).
+DEFAULT_LR = 2e-3
+DEFAULT_STIEFEL_LR = 2e-3
+# peft LoRA settings that choose layers: FoRA chooses them itself
+LAYER_SELECTION = ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")
 
 
 def number_of_selected_blocks(num_blocks: int, budget: float) -> int:
@@ -53,6 +63,13 @@ class FoRAConfig:
         seed: seeds the orthonormal initialisation and the data-free fallback.
         lr: learning rate of the Euclidean factor and other trainable parameters (AdamW).
         stiefel_lr: learning rate of the constrained factor.
+        init: a name in :data:`stiefel_peft.fora.initialise.INITIALISATIONS`:
+            ``"orthonormal"`` (random frame), ``"gradient"`` (from the calibration gradient)
+            or ``"peft"`` (peft's own, for LoRA baselines).
+        bias: peft's ``bias`` (``"none"``, ``"all"``, ``"lora_only"``), passed through.
+        use_rslora: peft's rank-stabilised scaling ``alpha / sqrt(r)``, passed through.
+        modules_to_save: module names trained in full and saved with the adapter (a new
+            classifier head, for example), passed through to peft.
     """
 
     budget: float = 0.5
@@ -65,8 +82,12 @@ class FoRAConfig:
     stiefel_factor: str = "B"
     calibration_batches: int | None = 32
     seed: int = 0
-    lr: float = 2e-4
-    stiefel_lr: float = 1e-3
+    lr: float = DEFAULT_LR
+    stiefel_lr: float = DEFAULT_STIEFEL_LR
+    init: str = "orthonormal"
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -114,11 +135,34 @@ class FoRAConfig:
             )
         for name in ("lr", "stiefel_lr"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive learning rate, got {value!r}")
+        if not isinstance(self.init, str) or not self.init:
+            raise ValueError(f"`init` must name an initialisation, got {self.init!r}")
+        if self.bias not in BIASES:
+            raise ValueError(f"`bias` must be one of {BIASES} (peft's), got {self.bias!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"`use_rslora` must be a bool, got {self.use_rslora!r}")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(
+                isinstance(name, str) and name for name in self.modules_to_save
+            ):
+                raise ValueError(
+                    "`modules_to_save` must be a tuple of module names, e.g. ('score',); got "
+                    f"{self.modules_to_save!r}"
+                )
+            object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
 
     def with_overrides(self, **overrides: Any) -> FoRAConfig:
         """A copy with some fields replaced; unknown names raise ``ValueError``."""
+        chosen = sorted(set(overrides) & set(LAYER_SELECTION))
+        if chosen:
+            raise ValueError(
+                f"{chosen} are not FoRA settings: FoRA chooses the adapted layers itself (the "
+                "Fisher top blocks within `budget`); to choose them another way, plan with "
+                "stiefel_peft.fora.plan_fora and select with plan.with_blocks(...) or "
+                "plan.with_modules(...), or use peft.LoraConfig directly"
+            )
         known = {field.name for field in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -128,14 +172,16 @@ class FoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         data = asdict(self)
-        if data["target_modules"] is not None:
-            data["target_modules"] = list(data["target_modules"])
+        for name in ("target_modules", "modules_to_save"):
+            if data[name] is not None:
+                data[name] = list(data[name])
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FoRAConfig:
         """The inverse of :meth:`to_dict`."""
         data = dict(data)
-        if data.get("target_modules") is not None:
-            data["target_modules"] = tuple(data["target_modules"])
+        for name in ("target_modules", "modules_to_save"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
         return cls(**data)

@@ -1,34 +1,105 @@
-"""fora_optimizer: one StiefelAdam for a FoRA model (Stiefel group + AdamW group)."""
+"""fora_optimizer: one StiefelAdam for a FoRA adapter (Stiefel group + AdamW group)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
 
 from stiefel_peft.distributed import ShardedStiefelAdam, is_sharded
-from stiefel_peft.fora.config import STIEFEL_FACTORS
+from stiefel_peft.fora.config import DEFAULT_LR, DEFAULT_STIEFEL_LR, STIEFEL_FACTORS, FoRAConfig
+from stiefel_peft.geometry import orthogonality_error
 from stiefel_peft.optim import StiefelAdam
 
-__all__ = ["constrained_parameters", "fora_optimizer"]
+__all__ = ["active_adapter", "constrained_parameters", "detect_stiefel_factor", "fora_optimizer"]
+
+_ADAPTER_PART = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)"
+    r"\.([^.]+)(\.|$)"
+)  # peft's per-adapter parameter names: ...q_proj.lora_A.<adapter>.weight
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    module = getattr(model, "module", None)  # DistributedDataParallel and friends
+    return module if isinstance(module, nn.Module) and not hasattr(model, "peft_config") else model
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The name of ``model``'s active peft adapter (``"default"`` when it has none named)."""
+    name = getattr(_unwrapped(model), "active_adapter", "default")
+    return name[0] if isinstance(name, (list, tuple)) else str(name)
+
+
+def _adapter_of(parameter_name: str) -> str | None:
+    """The adapter a parameter belongs to (from its peft name), or None for other parameters."""
+    match = _ADAPTER_PART.search(parameter_name)
+    return match.group(2) if match else None
 
 
 def constrained_parameters(
-    model: nn.Module, stiefel_factor: str = "B"
+    model: nn.Module, stiefel_factor: str = "B", adapter_name: str | None = None
 ) -> list[tuple[str, nn.Parameter]]:
-    """The trainable ``lora_B`` (or ``lora_A``) weights of every adapter, with their names.
+    """The trainable ``lora_B`` (or ``lora_A``) weights of one adapter, with their names.
+
+    Args:
+        model: a peft model.
+        stiefel_factor: ``"B"`` or ``"A"``.
+        adapter_name: the adapter (default: the active one).
 
     Raises:
         ValueError: on an unknown ``stiefel_factor``.
     """
     if stiefel_factor not in STIEFEL_FACTORS:
         raise ValueError(f"`stiefel_factor` must be 'B' or 'A', got {stiefel_factor!r}")
-    marker = f".lora_{stiefel_factor}."
+    adapter = adapter_name if adapter_name is not None else active_adapter(model)
+    marker = f".lora_{stiefel_factor}.{adapter}.weight"
     return [
         (name, parameter)
         for name, parameter in model.named_parameters()
-        if parameter.requires_grad and marker in name and name.endswith(".weight")
+        if parameter.requires_grad and name.endswith(marker)
     ]
+
+
+def detect_stiefel_factor(model: nn.Module, adapter_name: str | None = None) -> str:
+    """Which factor of an adapter is on the Stiefel manifold, read from its weights.
+
+    ``"B"`` when every ``lora_B`` has orthonormal columns, ``"A"`` when every ``lora_A`` has
+    orthonormal rows (float32 tolerance 1e-3 on ``||x^T x - I||_F``): how a FoRA adapter
+    reloaded with peft alone (no FoRA settings) is recognised.
+
+    Raises:
+        ValueError: neither factor is orthonormal (not a FoRA adapter).
+    """
+    adapter = adapter_name if adapter_name is not None else active_adapter(model)
+    for factor in STIEFEL_FACTORS:
+        weights = [
+            parameter.detach()
+            for name, parameter in model.named_parameters()
+            if name.endswith(f".lora_{factor}.{adapter}.weight")
+        ]
+        if not weights:
+            break
+        frames = [w if factor == "B" else w.mT for w in weights]  # (d, r), n >= p
+        if all(
+            f.shape[-2] >= f.shape[-1] and float(orthogonality_error(f.float())) <= 1e-3
+            for f in frames
+        ):
+            return factor
+    raise ValueError(
+        f"adapter {adapter!r} has neither lora_B with orthonormal columns nor lora_A with "
+        "orthonormal rows: it is not a FoRA adapter. Pass stiefel_factor= and orthonormalize "
+        "the factor first, or start from apply_fora"
+    )
+
+
+def _settings(model: nn.Module, adapter: str) -> FoRAConfig | None:
+    owner = _unwrapped(model)
+    configs = getattr(owner, "fora_configs", None)
+    if isinstance(configs, dict) and adapter in configs:
+        return configs[adapter]
+    config = getattr(owner, "fora_config", None)
+    return config if config is not None and not isinstance(configs, dict) else None
 
 
 def fora_optimizer(
@@ -38,26 +109,35 @@ def fora_optimizer(
     *,
     stiefel_factor: str | None = None,
     retraction: str | None = None,
+    adapter_name: str | None = None,
     weight_decay: float = 0.0,
     sharded: bool | None = None,
     **options: Any,
 ) -> StiefelAdam:
-    """One :class:`~stiefel_peft.optim.StiefelAdam` for a model made by ``apply_fora``.
+    """One :class:`~stiefel_peft.optim.StiefelAdam` for one FoRA adapter of ``model``.
 
-    Group 1 (``stiefel=True``, ``lr=stiefel_lr``): the constrained LoRA factors.
+    Group 1 (``stiefel=True``, ``lr=stiefel_lr``): the adapter's constrained factors.
     Group 2 (``stiefel=False``, ``lr=lr``, ``weight_decay``): every other trainable parameter
-    (the other factor, a classifier head), stepped exactly as ``torch.optim.AdamW``.
-    Use it as ``transformers.Trainer(..., optimizers=(fora_optimizer(model), None))``: the
-    Stiefel step then happens once per optimizer step, after gradient accumulation, clipping
-    and unscaling.
+    that is not another adapter's (the other factor, a classifier head), stepped exactly as
+    ``torch.optim.AdamW``. Other adapters are left untouched. Use it as
+    ``transformers.Trainer(..., optimizers=(fora_optimizer(model), None))``: the Stiefel step
+    then happens once per optimizer step, after gradient accumulation, clipping and unscaling.
+    Parameters are passed with their names, so errors name them.
+
+    Settings come from, in order: the arguments; the adapter's FoRA settings
+    (``model.fora_configs[adapter]``, set by ``apply_fora`` or
+    :func:`~stiefel_peft.fora.load_fora_adapter`); for an adapter reloaded with peft alone,
+    the constrained factor read from its weights (:func:`detect_stiefel_factor`) and the
+    library defaults (:data:`~stiefel_peft.fora.config.DEFAULT_LR`,
+    :data:`~stiefel_peft.fora.config.DEFAULT_STIEFEL_LR`, ``"cayley"``).
 
     Args:
-        model: the ``PeftModel`` returned by ``apply_fora`` (or any peft LoRA model, with
-            ``stiefel_factor`` given and the factors already orthonormal).
-        lr: AdamW learning rate (default: ``model.fora_config.lr``, 2e-4).
-        stiefel_lr: Stiefel learning rate (default: ``model.fora_config.stiefel_lr``, 1e-3).
-        stiefel_factor: ``"B"`` or ``"A"`` (default: the model's FoRA config).
-        retraction: a registered retraction (default: the model's FoRA config).
+        model: a ``PeftModel`` (or a DDP wrapper of one).
+        lr: AdamW learning rate of the other trainable parameters.
+        stiefel_lr: Stiefel learning rate of the constrained factors.
+        stiefel_factor: ``"B"`` or ``"A"``.
+        retraction: a registered retraction.
+        adapter_name: the adapter to train (default: the active one).
         weight_decay: decoupled weight decay of the AdamW group (the Stiefel group has none:
             the constraint fixes the factor's norm).
         sharded: build a :class:`~stiefel_peft.distributed.ShardedStiefelAdam` (True), a plain
@@ -66,43 +146,50 @@ def fora_optimizer(
             optimizer is built (accelerate's FSDP2 plugin).
         **options: passed to ``StiefelAdam`` (``betas``, ``eps``, ``second_moment``, ...).
 
-    Under DDP (``model`` wrapped, e.g. by ``accelerate``) the FoRA config is read from
-    ``model.module``. When a constrained factor is a DTensor (FSDP2 ``fully_shard``) the
-    optimizer is a :class:`~stiefel_peft.distributed.ShardedStiefelAdam`, which steps the
-    factors on their local rows (``docs/distributed.md``).
-
     Raises:
-        ValueError: if the model has no constrained factor that requires grad.
+        ValueError: the adapter has no trainable constrained factor, or no FoRA settings and
+            no orthonormal factor.
     """
-    config = getattr(model, "fora_config", None)
-    if config is None and isinstance(getattr(model, "module", None), nn.Module):
-        config = getattr(model.module, "fora_config", None)  # DistributedDataParallel wrapper
-    lr = lr if lr is not None else (config.lr if config is not None else 2e-4)
+    adapter = adapter_name if adapter_name is not None else active_adapter(model)
+    config = _settings(model, adapter)
+    if stiefel_factor is None:
+        stiefel_factor = config.stiefel_factor if config else detect_stiefel_factor(model, adapter)
+    lr = lr if lr is not None else (config.lr if config else DEFAULT_LR)
     stiefel_lr = (
         stiefel_lr
         if stiefel_lr is not None
-        else (config.stiefel_lr if config is not None else 1e-3)
+        else (config.stiefel_lr if config else DEFAULT_STIEFEL_LR)
     )
-    factor = stiefel_factor or (config.stiefel_factor if config is not None else "B")
-    retraction = retraction or (config.retraction if config is not None else "cayley")
-    constrained = constrained_parameters(model, factor)
+    retraction = retraction or (config.retraction if config else "cayley")
+    constrained = constrained_parameters(model, stiefel_factor, adapter)
     if not constrained:
         raise ValueError(
-            f"found no trainable lora_{factor} weights in {type(model).__name__}; call "
-            "apply_fora(model) first, or pass stiefel_factor= matching your adapter"
+            f"found no trainable lora_{stiefel_factor} weights of adapter {adapter!r} in "
+            f"{type(model).__name__}; call apply_fora(model) first, pass stiefel_factor= "
+            "matching your adapter, or reload it with is_trainable=True"
         )
     constrained_ids = {id(parameter) for _, parameter in constrained}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in constrained_ids]
+    others = [
+        (name, parameter)
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+        and id(parameter) not in constrained_ids
+        and _adapter_of(name) in (None, adapter)
+    ]
     groups: list[dict[str, Any]] = [
         {
             "params": [p for _, p in constrained],
+            "param_names": [n for n, _ in constrained],
             "stiefel": True,
             "lr": stiefel_lr,
             "weight_decay": 0.0,
         }
     ]
     if others:
-        groups.append({"params": others, "stiefel": False, "lr": lr, "weight_decay": weight_decay})
+        groups.append({
+            "params": [p for _, p in others], "param_names": [n for n, _ in others],
+            "stiefel": False, "lr": lr, "weight_decay": weight_decay,
+        })  # fmt: skip
     if sharded is None:
         sharded = any(is_sharded(parameter) for _, parameter in constrained)
     optimizer_class = ShardedStiefelAdam if sharded else StiefelAdam

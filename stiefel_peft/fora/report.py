@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: the report imports nothing of the FoRA pipeline
+    from stiefel_peft.fisher import FisherScores
+    from stiefel_peft.fora.config import FoRAConfig
+    from stiefel_peft.fora.plan import FoRAPlan
 
 __all__ = ["REPORT_FILE", "FoRAReport"]
 
@@ -33,6 +38,9 @@ class FoRAReport:
         parameter_ratio: ``adapter_parameters / lora_equivalent_parameters`` (<= budget).
         scoring_seconds: time spent on the Fisher pass.
         calibration_examples: examples scored.
+        init: the initialisation (``FoRAConfig.init``).
+        extra: anything else worth keeping (the adapter name, the initialisation's info,
+            the command line's accuracies and timings).
     """
 
     budget: float
@@ -52,7 +60,44 @@ class FoRAReport:
     parameter_ratio: float
     scoring_seconds: float
     calibration_examples: int
+    init: str = "orthonormal"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_plan(
+        cls,
+        plan: FoRAPlan,
+        config: FoRAConfig,
+        scores: FisherScores | None,
+        data_free: bool,
+        scoring_seconds: float,
+        extra: dict[str, Any] | None = None,
+    ) -> FoRAReport:
+        """The report of an adapter injected by ``plan`` with ``config`` (and the scores that
+        chose its blocks, or None when nothing was scored)."""
+        adapter_parameters = plan.parameters(config.r)
+        equivalent = plan.lora_equivalent(config.r)
+        return cls(
+            budget=config.budget,
+            num_blocks=plan.blocks.length,
+            selected_blocks=list(plan.selected_blocks),
+            per_block_scores=dict(scores.per_block) if scores is not None else None,
+            estimator=("sampled" if data_free else scores.estimator) if scores else None,
+            data_free=data_free,
+            target_modules=list(plan.patterns),
+            adapted_modules=list(plan.adapted_modules),
+            stiefel_factor=config.stiefel_factor,
+            retraction=config.retraction,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            adapter_parameters=adapter_parameters,
+            lora_equivalent_parameters=equivalent,
+            parameter_ratio=adapter_parameters / equivalent,
+            scoring_seconds=scoring_seconds,
+            calibration_examples=scores.num_examples if scores is not None else 0,
+            init=config.init,
+            extra=dict(extra or {}),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -7,9 +7,11 @@ alone reloads.
 
 from __future__ import annotations
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from stiefel_peft.fisher import BlockList
+from stiefel_peft.fisher.blocks import is_linear_layer
 
 __all__ = ["DEFAULT_TARGET_SCHEMES", "resolve_targets"]
 
@@ -23,6 +25,9 @@ DEFAULT_TARGET_SCHEMES: dict[str, tuple[str, ...]] = {
     "phi3": ("qkv_proj", "gate_up_proj", "down_proj"),
     # GPT-NeoX: fused qkv; dense_h_to_4h (up), dense_4h_to_h (down).
     "gpt_neox": ("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
+    # GPT-2 family (transformers Conv1D layers): fused qkv c_attn, up c_fc, down mlp.c_proj
+    # (attn.c_proj, the o projection, is left out).
+    "gpt2": ("c_attn", "c_fc", "mlp.c_proj"),
     # BERT-style encoders: attention.output.dense (the o projection) is left out.
     "bert": (
         "attention.self.query",
@@ -41,10 +46,17 @@ def _matches(relative_name: str, pattern: str) -> bool:
 
 
 def _block_linears(model: nn.Module, blocks: BlockList) -> list[tuple[str, int, str]]:
-    """(full name, block index, name relative to its block) of each nn.Linear in the blocks."""
-    found = []
+    """(full name, block index, name relative to its block) of each linear layer (``nn.Linear``
+    or transformers ``Conv1D``) in the blocks."""
+    found: list[tuple[str, int, str]] = []
+    wrapped: list[str] = []  # peft layers: their insides (base_layer, lora_A, ...) are not targets
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if any(name.startswith(prefix + ".") for prefix in wrapped):
+            continue
+        if isinstance(module, BaseTunerLayer):  # an adapted layer of a PeftModel
+            wrapped.append(name)
+            module = module.get_base_layer()
+        if not is_linear_layer(module):
             continue
         index = blocks.index_of(name)
         if index is None:
@@ -85,8 +97,8 @@ def resolve_targets(
     unmatched = [p for p in target_modules if not any(_matches(r, p) for r in relative_names)]
     if unmatched:
         raise ValueError(
-            f"target_modules {unmatched} match no nn.Linear inside the blocks; the linear layers "
-            f"of a block are {relative_names[:20]}"
+            f"target_modules {unmatched} match no linear layer inside the blocks; the linear "
+            f"layers of a block are {relative_names[:20]}"
         )
     per_block: dict[int, list[str]] = {index: [] for index in range(blocks.length)}
     for name, index, relative in linears:

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from stiefel_peft.fora import (
+    DEFAULT_LR,
+    DEFAULT_STIEFEL_LR,
     FoRAConfig,
     FoRAReport,
     apply_fora,
@@ -176,7 +178,7 @@ def test_bad_models_and_targets_raise() -> None:
     with pytest.raises(ValueError, match="no nn.ModuleList of repeated blocks"):
         apply_fora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), 0.5, r=2)
     case = tiny_model_case("llama")
-    with pytest.raises(ValueError, match="match no nn.Linear"):
+    with pytest.raises(ValueError, match="match no linear layer"):
         apply_fora(case.build(), 0.5, r=RANK, target_modules=("query_key_value",))
     with pytest.raises(ValueError, match="`r`=32 is larger than out_features=16"):
         apply_fora(case.build(), 0.5, r=32)
@@ -189,10 +191,12 @@ def test_bad_models_and_targets_raise() -> None:
     with pytest.raises(ValueError, match="`retraction`"):
         FoRAConfig(retraction="householder")
     model = apply_fora(case.build(), 1.0, r=RANK)
-    with pytest.raises(ValueError, match="already carries peft adapters"):
-        apply_fora(model, 0.5)
-    with pytest.raises(ValueError, match="no trainable lora_B"):
-        fora_optimizer(case.build())
+    with pytest.raises(ValueError, match="`adapter_name` 'default' is taken"):
+        apply_fora(model, 0.5, r=RANK)
+    with pytest.raises(ValueError, match="not FoRA settings.*plan.with_blocks"):
+        apply_fora(case.build(), 0.5, r=RANK, layers_to_transform=[0, 1])
+    with pytest.raises(ValueError, match="no trainable lora_B|not a FoRA adapter"):
+        fora_optimizer(case.build(), stiefel_factor="B")
 
 
 def test_config_round_trips_through_a_dict() -> None:
@@ -206,10 +210,10 @@ def test_fora_optimizer_groups() -> None:
     stiefel_group, euclidean_group = optimizer.param_groups
     assert (
         stiefel_group["stiefel"]
-        and stiefel_group["lr"] == 1e-3
+        and stiefel_group["lr"] == DEFAULT_STIEFEL_LR
         and stiefel_group["weight_decay"] == 0
     )
-    assert not euclidean_group["stiefel"] and euclidean_group["lr"] == 2e-4
+    assert not euclidean_group["stiefel"] and euclidean_group["lr"] == DEFAULT_LR
     assert euclidean_group["weight_decay"] == 0.1
     # The new classifier head of a sequence classifier is trained in the AdamW group.
     head = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]

@@ -1,4 +1,4 @@
-"""Ranking blocks: the Fisher pass on calibration data, or the documented data-free fallback."""
+"""The score step of FoRA: the Fisher pass on calibration data, or the data-free fallback."""
 
 from __future__ import annotations
 
@@ -12,17 +12,11 @@ from torch import nn
 from stiefel_peft.fisher import FisherScores, estimate_fisher
 from stiefel_peft.fisher.losses import CAUSAL_LM, head_kind
 
-__all__ = ["DATA_FREE_BATCHES", "data_free_batches", "score_blocks", "select_top_blocks"]
+__all__ = ["DATA_FREE_BATCHES", "data_free_batches", "score_blocks"]
 
 DATA_FREE_BATCHES = 4
 DATA_FREE_BATCH_SIZE = 4
 DATA_FREE_SEQUENCE_LENGTH = 32
-
-
-def select_top_blocks(per_block: Mapping[int, float], count: int) -> list[int]:
-    """The ``count`` highest-scoring block indices, ascending (ties: the lower index wins)."""
-    ranking = sorted(per_block, key=lambda index: (-per_block[index], index))
-    return sorted(ranking[:count])
 
 
 def data_free_batches(model: nn.Module, seed: int) -> list[dict[str, torch.Tensor]]:
