@@ -182,7 +182,7 @@ def ranking_stability(batch_size: int = 4, sizes: tuple[int, ...] = (16, 64, 128
     token. Reports Spearman (and top-L/2 overlap) between the estimators at the largest size,
     and of the empirical Fisher across calibration sizes (against the largest).
     """
-    from stiefel_peft.data.assets import load_rotten_tomatoes, load_smollm2  # noqa: PLC0415
+    from stiefel_peft.cli.assets import load_rotten_tomatoes, load_smollm2  # noqa: PLC0415
 
     model, tokenizer = load_smollm2()
     rows = load_rotten_tomatoes()[: max(sizes)]

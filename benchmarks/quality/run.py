@@ -38,7 +38,7 @@ from benchmarks.quality.metrics import update_metrics
 from benchmarks.quality.models import load_base_model
 from benchmarks.quality.tasks import Task, evaluate, load_task
 from stiefel_peft.cli.workflow import batches, calibration_batches, resolve_device
-from stiefel_peft.data.loss import supervised_loss
+from stiefel_peft.cli.loss import supervised_loss
 from stiefel_peft.fisher import FisherScores, estimate_fisher
 
 HERE = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 
 A task entry of a config: ``{"name": ..., "heldout": 300, "train_examples": null, ...}``.
 
-- ``"rotten_tomatoes"``: generative sentiment as the CLI does it (``stiefel_peft.data``):
+- ``"rotten_tomatoes"``: generative sentiment as the CLI does it (``stiefel_peft.cli``):
   prompt ``"Review: ...\\nSentiment (positive or negative):"``, loss on the label token,
   metric = accuracy of the higher label-word logit on the held-out split.
 - ``"reasoning_gym:<name>"``: ``reasoning_gym.create_dataset(name, size, seed, **dataset_options)``;
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stiefel_peft.data import (
+from stiefel_peft.cli.assets import load_rotten_tomatoes
+from stiefel_peft.cli.scoring import classification_accuracy
+from stiefel_peft.cli.tasks import (
     SENTIMENT_LABEL_NAMES,
     SENTIMENT_TEMPLATE,
     TaskCollator,
-    classification_accuracy,
     label_words_for,
-    load_rotten_tomatoes,
     split_examples,
 )
 

@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from stiefel_peft.data import BUILTIN_DATASETS, BUILTIN_MODELS
+from stiefel_peft.cli.assets import BUILTIN_DATASETS, BUILTIN_MODELS
 from stiefel_peft.fisher import ESTIMATORS
 from stiefel_peft.geometry import RETRACTIONS
 

@@ -21,7 +21,8 @@ from stiefel_peft.cli.workflow import (
     resolve_device,
     write_json,
 )
-from stiefel_peft.data import load_model, supervised_loss
+from stiefel_peft.cli.assets import load_model
+from stiefel_peft.cli.loss import supervised_loss
 from stiefel_peft.fora import FoRAConfig, apply_fora, fora_optimizer
 
 DEFAULT_STEPS = 48

@@ -13,7 +13,7 @@ from stiefel_peft.cli.workflow import (
     resolve_device,
     write_json,
 )
-from stiefel_peft.data import load_model
+from stiefel_peft.cli.assets import load_model
 from stiefel_peft.fisher import estimate_fisher
 from stiefel_peft.fora import number_of_selected_blocks
 from stiefel_peft.fora import select_top_blocks

@@ -14,17 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from stiefel_peft.cli.arguments import DEFAULT_LABEL_NAMES, UsageError
-from stiefel_peft.data import (
-    BUILTIN_DATASETS,
-    MissingAssetError,
-    TaskCollator,
-    classification_accuracy,
-    label_words_for,
-    load_classification_file,
-    load_dataset,
-    load_prompt_completion_file,
-    split_examples,
-)
+from stiefel_peft.cli.assets import BUILTIN_DATASETS, MissingAssetError, load_builtin_dataset
+from stiefel_peft.cli.files import load_classification_file, load_prompt_completion_file
+from stiefel_peft.cli.scoring import classification_accuracy
+from stiefel_peft.cli.tasks import TaskCollator, label_words_for, split_examples
 
 
 class TaskData:
@@ -55,7 +48,7 @@ def load_task_data(arguments: argparse.Namespace) -> TaskData:
     )
     try:
         if arguments.data in BUILTIN_DATASETS:
-            examples: list[dict[str, Any]] = list(load_dataset(arguments.data))
+            examples: list[dict[str, Any]] = list(load_builtin_dataset(arguments.data))
             names = names or tuple(DEFAULT_LABEL_NAMES.split(","))
         elif arguments.prompt_column is not None:
             examples = list(

@@ -1,4 +1,5 @@
-"""A tiny local Hugging Face folder (random Llama + word-level tokenizer) and a tiny CSV."""
+"""Fixtures of the application tests: a tiny local Hugging Face folder (random Llama +
+word-level tokenizer), a tiny CSV, and tokenizer-free toys (a toy tokenizer, a tiny Llama)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.cli.toy import LABEL_WORDS, PAD_ID, VOCAB_SIZE, ToyTokenizer
 
 POSITIVE = ["good", "great", "fun", "superb", "lovely"]
 NEGATIVE = ["bad", "boring", "awful", "dull", "weak"]
@@ -50,3 +53,31 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
             rng.shuffle(words)
             writer.writerow([" ".join(words), "positive" if positive else "negative"])
     return path
+
+
+@pytest.fixture
+def word_tokenizer() -> ToyTokenizer:
+    """Label words are single tokens."""
+    return ToyTokenizer(words=LABEL_WORDS)
+
+
+@pytest.fixture
+def char_tokenizer() -> ToyTokenizer:
+    """Label words are several tokens, and a BOS token starts each prompt."""
+    return ToyTokenizer(add_bos=True)
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=PAD_ID,
+    )
+    return LlamaForCausalLM(config).eval()

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stiefel_peft.data import (
-    TaskCollator,
-    label_words_for,
-    load_rotten_tomatoes,
-    load_smollm2,
-    split_examples,
-)
+from stiefel_peft.cli.assets import load_rotten_tomatoes, load_smollm2
+from stiefel_peft.cli.tasks import TaskCollator, label_words_for, split_examples
 from stiefel_peft.fora import apply_fora, constrained_parameters, fora_optimizer
 from stiefel_peft.geometry import orthogonality_error
 

@@ -1,6 +1,6 @@
 """Scoring generative classification: which label word a causal LM prefers after a prompt.
 
-The prompts are encoded as in training (:mod:`stiefel_peft.data.tasks`), so scoring sees the same
+The prompts are encoded as in training (:mod:`stiefel_peft.cli.tasks`), so scoring sees the same
 token boundary between prompt and answer.
 """
 
@@ -14,8 +14,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stiefel_peft.data.loss import IGNORE_INDEX, accepts_logits_to_keep, supervised_logits
-from stiefel_peft.data.tasks import (
+from stiefel_peft.cli.loss import IGNORE_INDEX, accepts_logits_to_keep, supervised_logits
+from stiefel_peft.cli.tasks import (
     DEFAULT_MAX_LENGTH,
     SENTIMENT_TEMPLATE,
     Encoded,

@@ -4,7 +4,7 @@ A classification example ``{"text": str, "label": int}`` becomes the prompt
 ``template.format(text=text)`` followed by the answer ``label_words[label]`` (for the built-in
 sentiment task ``"Review: ...\\nSentiment (positive or negative):"`` then ``" negative"`` or
 ``" positive"``, each one SmolLM2 token). Training puts the loss on the answer tokens only; scoring
-(:mod:`stiefel_peft.data.scoring`) compares the model's preferences for the label words after
+(:mod:`stiefel_peft.cli.scoring`) compares the model's preferences for the label words after
 the prompt.
 
 Prompt and answer are tokenized separately and concatenated, in training and in scoring alike,
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from stiefel_peft.data.loss import IGNORE_INDEX
+from stiefel_peft.cli.loss import IGNORE_INDEX
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",

@@ -35,7 +35,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "MissingAssetError",
     "cache_dir",
-    "load_dataset",
+    "load_builtin_dataset",
     "load_model",
     "load_rotten_tomatoes",
     "load_smollm2",
@@ -148,7 +148,7 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
         if tokenizer.eos_token is None:
             raise ValueError(
                 "the tokenizer has neither a pad token nor an eos token; set "
-                "tokenizer.pad_token before using it with stiefel_peft.data"
+                "tokenizer.pad_token before using it with stiefel_peft.cli"
             )
         # Padded positions are masked out by the attention mask and the -100 labels, so
         # reusing eos as pad changes no loss or score.
@@ -246,7 +246,7 @@ BUILTIN_DATASETS: dict[str, Callable[[], list[dict[str, str | int]]]] = {
 }
 
 
-def load_dataset(name: str) -> list[dict[str, str | int]]:
+def load_builtin_dataset(name: str) -> list[dict[str, str | int]]:
     """A built-in data set by name (a key of :data:`BUILTIN_DATASETS`).
 
     Raises:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stiefel_peft.data.files import (
+from stiefel_peft.cli.files import (
     load_classification_file,
     load_prompt_completion_file,
     read_records,

@@ -6,21 +6,19 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from stiefel_peft.data import (
+from stiefel_peft.cli.scoring import classification_accuracy, label_scores, predict_labels
+from stiefel_peft.cli.tasks import (
     IGNORE_INDEX,
     Encoded,
     TaskCollator,
-    classification_accuracy,
     collate,
     encode_classification,
     encode_prompt_completion,
-    label_scores,
     label_words_for,
-    predict_labels,
     split_examples,
     to_prompt_completion,
 )
-from tests.data.toy import EXAMPLES, LABEL_WORDS, PAD_ID, TEMPLATE, ToyTokenizer
+from tests.cli.toy import EXAMPLES, LABEL_WORDS, PAD_ID, TEMPLATE, ToyTokenizer
 
 
 def test_label_words_for_adds_a_leading_space() -> None:

@@ -13,7 +13,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from stiefel_peft.data import assets
+from stiefel_peft.cli import assets
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ def test_unknown_model_name_lists_the_built_ins(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no config.json"):
         assets.load_model(tmp_path)
     with pytest.raises(ValueError, match="rotten-tomatoes"):
-        assets.load_dataset("imdb")
+        assets.load_builtin_dataset("imdb")
 
 
 def _tiny_hf_folder(folder: Path) -> Path:
@@ -107,4 +107,4 @@ def test_rotten_tomatoes_filters_and_deduplicates(monkeypatch, tmp_path: Path) -
         {"text": "A chore.", "label": 0},
         {"text": 'Great, fun, "quoted"\nand two lines.', "label": 0},
     ]
-    assert assets.load_dataset("rotten-tomatoes") == assets.load_rotten_tomatoes()
+    assert assets.load_builtin_dataset("rotten-tomatoes") == assets.load_rotten_tomatoes()

@@ -11,14 +11,14 @@ import time
 
 import pytest
 
-from stiefel_peft.data import (
+from stiefel_peft.cli.assets import load_rotten_tomatoes, load_smollm2, smollm2_folder
+from stiefel_peft.cli.scoring import classification_accuracy
+from stiefel_peft.cli.tasks import (
     SENTIMENT_LABEL_NAMES,
-    classification_accuracy,
     encode_classification,
     label_words_for,
     split_examples,
 )
-from stiefel_peft.data.assets import load_rotten_tomatoes, load_smollm2, smollm2_folder
 
 pytestmark = pytest.mark.real_model
 
