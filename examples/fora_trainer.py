@@ -43,11 +43,11 @@ def tiny_setup() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], int]:
 
 def smollm2_setup() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], int]:
     from stiefel_peft.cli.assets import load_rotten_tomatoes, load_smollm2
-    from stiefel_peft.cli.tasks import TaskCollator, label_words_for, split_examples
+    from stiefel_peft.cli.encoding import ExampleCollator, label_words_for, split_examples
 
     model, tokenizer = load_smollm2()
     train, _ = split_examples(load_rotten_tomatoes(), heldout=300, seed=0)
-    collate = TaskCollator(tokenizer, label_words_for(("negative", "positive")), max_length=64)
+    collate = ExampleCollator(tokenizer, label_words_for(("negative", "positive")), max_length=64)
     rows = []
     for example in train[:256]:
         encoded = collate([example])

@@ -1,4 +1,7 @@
-"""The ``stiefel-peft`` command line (also ``python -m stiefel_peft``).
+"""The application: the ``stiefel-peft`` command line (also ``python -m stiefel_peft``).
+
+The library (``geometry``, ``optim``, ``fisher``, ``distributed``, ``fora``) never imports this
+package; its data, encoding, scoring, loss and training helpers live here.
 
     stiefel-peft finetune    # SmolLM2-135M + Rotten Tomatoes with FoRA at budget 0.5
     stiefel-peft fisher      # score the blocks and print the table
@@ -11,23 +14,23 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from stiefel_peft.cli.arguments import UsageError, build_parser, check
+from stiefel_peft.cli.arguments import UsageError, check, parse
 
 __all__ = ["console_main", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    arguments = parser.parse_args(argv)  # argparse itself exits 2 on a malformed option
+    """Run one command; 0 on success, 2 (and one line on stderr) on a usage error."""
+    command, settings = parse(list(argv) if argv is not None else None)
     try:
-        check(arguments)
-        if arguments.command == "finetune":
+        check(settings, command)
+        if command == "finetune":
             from stiefel_peft.cli.finetune import run
         else:
             from stiefel_peft.cli.fisher_command import run
-        run(arguments)
+        run(settings)
     except UsageError as error:
-        print(f"stiefel-peft {arguments.command}: error: {error}", file=sys.stderr)
+        print(f"stiefel-peft {command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

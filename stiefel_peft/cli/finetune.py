@@ -2,115 +2,68 @@
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from stiefel_peft.cli.arguments import resolve_output
+from stiefel_peft.cli.assets import load_model
+from stiefel_peft.cli.settings import FinetuneSettings
+from stiefel_peft.cli.training import batches, calibration_batches, train
 from stiefel_peft.cli.workflow import (
     accuracy,
-    batches,
-    calibration_batches,
     collator,
-    load_task_data,
+    load_split_data,
     plot_block_scores,
     resolve_device,
     write_json,
 )
-from stiefel_peft.cli.assets import load_model
-from stiefel_peft.cli.loss import supervised_loss
-from stiefel_peft.fora import FoRAConfig, apply_fora, fora_optimizer
-
-DEFAULT_STEPS = 48
-
-
-def _steps(arguments: argparse.Namespace, train_size: int) -> int:
-    if arguments.steps is not None:
-        return arguments.steps
-    if arguments.epochs is not None:
-        return max(1, math.ceil(arguments.epochs * train_size / arguments.batch_size))
-    return DEFAULT_STEPS
+from stiefel_peft.fora import apply_fora, fora_optimizer
 
 
 def _points(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def run(arguments: argparse.Namespace) -> dict:
+def run(settings: FinetuneSettings) -> dict:
     """Run the whole fine-tuning; return the report dict (also written to the output folder)."""
     started = time.perf_counter()
-    say = (lambda *a: None) if arguments.quiet else print
-    data = load_task_data(arguments)  # cheap; bad data stops here, before the model loads
-    output = resolve_output(arguments)
-    device = resolve_device(arguments.device)
-    torch.manual_seed(arguments.seed)
+    say = (lambda *a: None) if settings.quiet else print
+    data = load_split_data(settings)  # cheap; bad data stops here, before the model loads
+    output = Path(settings.output)
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
 
-    say(f"loading {arguments.model} on {device} ...")
-    model, tokenizer = load_model(arguments.model, device=device)
+    say(f"loading {settings.model} on {device} ...")
+    model, tokenizer = load_model(settings.model, device=device)
     loaded = time.perf_counter()
-    collate = collator(tokenizer, data, arguments)
+    collate = collator(tokenizer, data, settings)
     say(f"data: {len(data.train)} training, {len(data.heldout)} held-out examples ({data.kind})")
-    before = accuracy(model, tokenizer, data, collate, arguments, device)
+    before = accuracy(model, tokenizer, data, collate, settings, device)
     evaluated_before = time.perf_counter()
     say(f"held-out accuracy before: {_points(before)}")
 
-    config = FoRAConfig(
-        budget=arguments.budget,
-        r=arguments.rank,
-        lora_alpha=arguments.alpha,
-        lora_dropout=arguments.dropout,
-        estimator=arguments.estimator,
-        retraction=arguments.retraction,
-        stiefel_factor=arguments.stiefel_factor,
-        calibration_batches=None,
-        seed=arguments.seed,
-        lr=arguments.lr,
-        stiefel_lr=arguments.stiefel_lr,
+    calibration = calibration_batches(data.train, collate, settings.calibration_examples, device)
+    model = apply_fora(
+        model, calibration=calibration, config=settings.fora_config(), progress=not settings.quiet
     )
-    calibration = calibration_batches(data, collate, arguments, device)
-    model = apply_fora(model, calibration=calibration, config=config, progress=not arguments.quiet)
     report = model.fora_report
     say(report.summary())
 
-    steps = _steps(arguments, len(data.train))
+    steps = settings.total_steps(len(data.train))
     optimizer = fora_optimizer(model)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (steps - step) / steps) ** 0.5,
-    )
-    stream = batches(
-        data.train, collate, arguments.batch_size, device, arguments.seed, shuffle=True
-    )
-    model.train()
-    losses = []
-    bar = tqdm(range(steps), disable=arguments.quiet, desc="training", unit="step")
+    stream = batches(data.train, collate, settings.batch_size, device, settings.seed, shuffle=True)
     train_start = time.perf_counter()
-    for _ in bar:
-        batch = next(stream)
-        optimizer.zero_grad(set_to_none=True)
-        loss = supervised_loss(model, batch)  # only answer positions hit the vocabulary
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-8:]) / len(losses[-8:]):.3f}")
+    losses = train(model, optimizer, stream, steps, progress=not settings.quiet)
     trained = time.perf_counter()
-    model.eval()
-    after = accuracy(model, tokenizer, data, collate, arguments, device)
+    after = accuracy(model, tokenizer, data, collate, settings, device)
     evaluated_after = time.perf_counter()
 
-    output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     report.extra.update(
         {
-            "model": arguments.model,
-            "data": arguments.data,
+            "model": settings.model,
+            "data": settings.data,
             "task": data.kind,
             "label_names": list(data.label_names) if data.label_names else None,
             "train_examples": len(data.train),
@@ -118,7 +71,7 @@ def run(arguments: argparse.Namespace) -> dict:
             "accuracy_before": before,
             "accuracy_after": after,
             "steps": steps,
-            "batch_size": arguments.batch_size,
+            "batch_size": settings.batch_size,
             "first_losses": losses[:5],
             "last_losses": losses[-5:],
             "seconds": {
@@ -133,17 +86,14 @@ def run(arguments: argparse.Namespace) -> dict:
         }
     )
     report.save(output)
-    if not arguments.no_plot and report.per_block_scores:
+    if not settings.no_plot and report.per_block_scores:
         plot_block_scores(
             report.per_block_scores,
             report.selected_blocks,
             output / "fisher_scores.png",
-            f"{arguments.model}: {report.estimator} Fisher per block (selected in red)",
+            f"{settings.model}: {report.estimator} Fisher per block (selected in red)",
         )
-    write_json(
-        output / "run_config.json",
-        {"command": "finetune", **vars(arguments), "output": str(output)},
-    )
+    write_json(output / "run_config.json", {"command": "finetune", **settings.to_dict()})
     total = time.perf_counter() - started
     delta = "" if before is None or after is None else f" ({100 * (after - before):+.1f} points)"
     print(
@@ -152,7 +102,3 @@ def run(arguments: argparse.Namespace) -> dict:
         f"{total:.0f} s | saved to {output}"
     )
     return report.to_dict()
-
-
-def output_path(arguments: argparse.Namespace) -> Path:
-    return resolve_output(arguments)

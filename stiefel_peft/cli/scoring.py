@@ -1,6 +1,6 @@
 """Scoring generative classification: which label word a causal LM prefers after a prompt.
 
-The prompts are encoded as in training (:mod:`stiefel_peft.cli.tasks`), so scoring sees the same
+The prompts are encoded as in training (:mod:`stiefel_peft.cli.encoding`), so scoring sees the same
 token boundary between prompt and answer.
 """
 
@@ -14,14 +14,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stiefel_peft.cli.loss import IGNORE_INDEX, accepts_logits_to_keep, supervised_logits
-from stiefel_peft.cli.tasks import (
+from stiefel_peft.cli.encoding import (
     DEFAULT_MAX_LENGTH,
     SENTIMENT_TEMPLATE,
     Encoded,
     collate,
     encode_classification,
 )
+from stiefel_peft.cli.loss import IGNORE_INDEX, accepts_logits_to_keep, supervised_logits
 
 __all__ = ["classification_accuracy", "label_scores", "predict_labels"]
 

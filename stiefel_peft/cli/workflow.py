@@ -1,26 +1,25 @@
-"""The steps shared by the commands: data, device, batches, evaluation, plot, JSON."""
+"""The steps shared by the commands: the run's data, device, evaluation, plot, JSON."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from stiefel_peft.cli.arguments import DEFAULT_LABEL_NAMES, UsageError
+from stiefel_peft.cli.arguments import UsageError
 from stiefel_peft.cli.assets import BUILTIN_DATASETS, MissingAssetError, load_builtin_dataset
+from stiefel_peft.cli.encoding import ExampleCollator, label_words_for, split_examples
 from stiefel_peft.cli.files import load_classification_file, load_prompt_completion_file
 from stiefel_peft.cli.scoring import classification_accuracy
-from stiefel_peft.cli.tasks import TaskCollator, label_words_for, split_examples
+from stiefel_peft.cli.settings import DEFAULT_LABEL_NAMES, DataSettings
 
 
-class TaskData:
+class SplitData:
     """Examples split for a run: either classification (``label_words``) or completions."""
 
     def __init__(
@@ -39,27 +38,25 @@ class TaskData:
         return "classification" if self.label_names is not None else "prompt_completion"
 
 
-def load_task_data(arguments: argparse.Namespace) -> TaskData:
+def load_split_data(settings: DataSettings) -> SplitData:
     """Load and split the data; every problem becomes a :class:`UsageError` (cheap, no model)."""
     names = (
-        tuple(n.strip() for n in arguments.label_names.split(","))
-        if arguments.label_names
-        else None
+        tuple(n.strip() for n in settings.label_names.split(",")) if settings.label_names else None
     )
     try:
-        if arguments.data in BUILTIN_DATASETS:
-            examples: list[dict[str, Any]] = list(load_builtin_dataset(arguments.data))
+        if settings.data in BUILTIN_DATASETS:
+            examples: list[dict[str, Any]] = list(load_builtin_dataset(settings.data))
             names = names or tuple(DEFAULT_LABEL_NAMES.split(","))
-        elif arguments.prompt_column is not None:
+        elif settings.prompt_column is not None:
             examples = list(
                 load_prompt_completion_file(
-                    arguments.data, arguments.prompt_column, arguments.completion_column
+                    settings.data, settings.prompt_column, settings.completion_column
                 )
             )
             names = None
         else:
             examples, names = load_classification_file(
-                arguments.data, arguments.text_column, arguments.label_column, names
+                settings.data, settings.text_column, settings.label_column, names
             )
         if names is not None:
             label_words_for(names)  # validates the names
@@ -67,14 +64,15 @@ def load_task_data(arguments: argparse.Namespace) -> TaskData:
         raise UsageError(str(error).splitlines()[0]) from None
     except (MissingAssetError, FileNotFoundError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
-    if arguments.heldout >= len(examples):
+    if settings.heldout >= len(examples):
         raise UsageError(
-            f"--heldout {arguments.heldout} leaves no training example out of {len(examples)}"
+            f"--heldout {settings.heldout} leaves no training example out of {len(examples)}"
         )
-    train, heldout = split_examples(examples, heldout=arguments.heldout, seed=arguments.seed)
-    if getattr(arguments, "train_examples", None):
-        train = train[: arguments.train_examples]
-    return TaskData(train, heldout, names)
+    train, heldout = split_examples(examples, heldout=settings.heldout, seed=settings.seed)
+    limit = getattr(settings, "train_examples", None)  # finetune only
+    if limit:
+        train = train[:limit]
+    return SplitData(train, heldout, names)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,74 +81,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def collator(tokenizer: Any, data: TaskData, arguments: argparse.Namespace) -> TaskCollator:
-    return TaskCollator(tokenizer, data.label_words, arguments.template, arguments.max_length)
-
-
-def _length(example: dict[str, Any]) -> int:
-    return (
-        len(str(example.get("text", "")))
-        + len(str(example.get("prompt", "")))
-        + len(str(example.get("completion", "")))
-    )
-
-
-def length_grouped_order(
-    examples: Sequence[dict[str, Any]], batch_size: int, generator: torch.Generator
-) -> list[list[int]]:
-    """Batches of indices for one epoch: a seeded shuffle, then within windows of 8 batches the
-    examples are sorted by length (less padding: reviews are 36 tokens on average but a random
-    batch pads to ~60), and the batches are shuffled again so lengths do not trend over time."""
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    window = 8 * batch_size
-    groups: list[list[int]] = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: _length(examples[i]))
-        groups.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    permutation = torch.randperm(len(groups), generator=generator).tolist()
-    return [groups[i] for i in permutation]
-
-
-def batches(
-    examples: Sequence[dict[str, Any]],
-    collate: TaskCollator,
-    batch_size: int,
-    device: torch.device,
-    seed: int,
-    shuffle: bool,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless HF batches on ``device``: in order, or shuffled and length-grouped (seeded)."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        if shuffle:
-            groups = length_grouped_order(examples, batch_size, generator)
-        else:
-            groups = [
-                list(range(i, min(i + batch_size, len(examples))))
-                for i in range(0, len(examples), batch_size)
-            ]
-        for indices in groups:
-            batch = collate([examples[i] for i in indices])
-            yield {key: value.to(device) for key, value in batch.items()}
-
-
-def calibration_batches(
-    data: TaskData,
-    collate: TaskCollator,
-    arguments: argparse.Namespace,
-    device: torch.device,
-    batch_size: int = 8,
-) -> list[dict[str, torch.Tensor]]:
-    examples = data.train[: arguments.calibration_examples]
-    stream = batches(examples, collate, batch_size, device, arguments.seed, shuffle=False)
-    return [next(stream) for _ in range(math.ceil(len(examples) / batch_size))]
+def collator(tokenizer: Any, data: SplitData, settings: DataSettings) -> ExampleCollator:
+    return ExampleCollator(tokenizer, data.label_words, settings.template, settings.max_length)
 
 
 @torch.no_grad()
 def completion_accuracy(
     model: torch.nn.Module,
     examples: Sequence[dict[str, Any]],
-    collate: TaskCollator,
+    collate: ExampleCollator,
     device: torch.device,
     progress: bool,
 ) -> float:
@@ -180,14 +119,14 @@ def completion_accuracy(
 def accuracy(
     model: torch.nn.Module,
     tokenizer: Any,
-    data: TaskData,
-    collate: TaskCollator,
-    arguments: argparse.Namespace,
+    data: SplitData,
+    collate: ExampleCollator,
+    settings: DataSettings,
     device: torch.device,
 ) -> float | None:
     if not data.heldout:
         return None
-    progress = not arguments.quiet
+    progress = not settings.quiet
     if data.kind == "classification":
         return classification_accuracy(
             model,
@@ -196,8 +135,8 @@ def accuracy(
             data.label_words,
             batch_size=32,
             progress=progress,
-            template=arguments.template,
-            max_length=arguments.max_length,
+            template=settings.template,
+            max_length=settings.max_length,
         )
     return completion_accuracy(model, data.heldout, collate, device, progress)
 

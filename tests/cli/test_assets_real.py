@@ -12,13 +12,13 @@ import time
 import pytest
 
 from stiefel_peft.cli.assets import load_rotten_tomatoes, load_smollm2, smollm2_folder
-from stiefel_peft.cli.scoring import classification_accuracy
-from stiefel_peft.cli.tasks import (
+from stiefel_peft.cli.encoding import (
     SENTIMENT_LABEL_NAMES,
     encode_classification,
     label_words_for,
     split_examples,
 )
+from stiefel_peft.cli.scoring import classification_accuracy
 
 pytestmark = pytest.mark.real_model
 

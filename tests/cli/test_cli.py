@@ -185,7 +185,7 @@ def test_python_dash_m_and_help_list_every_option_with_defaults() -> None:
 
 
 def test_length_grouped_batches_cover_every_example_once_and_cut_padding() -> None:
-    from stiefel_peft.cli.workflow import length_grouped_order
+    from stiefel_peft.cli.training import length_grouped_order
 
     examples = [{"text": "x" * ((37 * i) % 101)} for i in range(200)]
     groups = length_grouped_order(examples, 16, torch.Generator().manual_seed(0))
@@ -226,26 +226,20 @@ def test_an_output_that_cannot_be_created_stops_before_the_model_loads(
 
 
 def test_output_is_checked_once_and_created_before_loading(
-    tiny_csv: Path, tmp_path: Path, capsys
+    tiny_csv: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from stiefel_peft.cli.arguments import UsageError, build_parser, check
+    from stiefel_peft.cli.arguments import UsageError, check, parse
 
     regular_file = tmp_path / "taken"
     regular_file.write_text("x")
-    arguments = build_parser().parse_args(
+    command, settings = parse(
         ["finetune", "--data", str(tiny_csv), "--output", str(regular_file / "run")]
     )
     with pytest.raises(UsageError, match="cannot be created"):
-        check(arguments)
-    defaults = build_parser().parse_args(["finetune"])
-    cwd = Path.cwd()
-    try:
-        import os
-
-        os.chdir(tmp_path)
-        check(defaults)
-    finally:
-        os.chdir(cwd)
+        check(settings, command)
+    command, defaults = parse(["finetune"])
+    monkeypatch.chdir(tmp_path)
+    check(defaults, command)
     created = tmp_path / defaults.output
     assert created.is_dir() and not any(created.iterdir())  # created, empty, and remembered
     assert defaults.output.startswith("runs/finetune-")

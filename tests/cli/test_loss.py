@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from stiefel_peft.cli.encoding import IGNORE_INDEX
 from stiefel_peft.cli.loss import accepts_logits_to_keep, supervised_logits, supervised_loss
-from stiefel_peft.cli.tasks import IGNORE_INDEX
 from tests.tiny_models import TINY_MODELS
 
 CAUSAL = [case for case in TINY_MODELS if case.task == "causal_lm"]

@@ -14,7 +14,7 @@ VOCAB_SIZE = 128
 class ToyTokenizer:
     """Characters as tokens, except whole ``words`` (e.g. ``" positive"``) as one token each.
 
-    Implements the part of the HF tokenizer interface that ``stiefel_peft.cli.tasks`` uses:
+    Implements the part of the HF tokenizer interface that ``stiefel_peft.cli.encoding`` uses:
     ``encode(text, add_special_tokens)``, ``decode(ids)``, ``pad_token_id``.
     """
 

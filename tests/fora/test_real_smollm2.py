@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stiefel_peft.cli.assets import load_rotten_tomatoes, load_smollm2
-from stiefel_peft.cli.tasks import TaskCollator, label_words_for, split_examples
+from stiefel_peft.cli.encoding import ExampleCollator, label_words_for, split_examples
 from stiefel_peft.fora import apply_fora, constrained_parameters, fora_optimizer
 from stiefel_peft.geometry import orthogonality_error
 
@@ -23,7 +23,7 @@ def test_fora_lowers_the_heldout_answer_loss_of_smollm2_after_a_few_steps() -> N
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
     train, heldout = split_examples(load_rotten_tomatoes(), heldout=64, seed=0)
-    collate = TaskCollator(tokenizer, label_words_for(("negative", "positive")), max_length=64)
+    collate = ExampleCollator(tokenizer, label_words_for(("negative", "positive")), max_length=64)
     heldout_batches = [collate(heldout[i : i + 16]) for i in range(0, 64, 16)]
     before = _heldout_loss(model, heldout_batches)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.quality import run
+from experiments import run
 
 pytestmark = [
     pytest.mark.gpu,

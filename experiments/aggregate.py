@@ -1,7 +1,7 @@
 # ruff: noqa: E501  (markdown table rows and the argparse epilog read better unwrapped)
 """Aggregate quality results: mean and std over seeds per (model, task, method label).
 
-    python benchmarks/quality/aggregate.py benchmarks/quality/results/smollm2_rotten_tomatoes \
+    python -m experiments.aggregate experiments/results/smollm2_rotten_tomatoes \
         [more result folders] [--docs docs/results.md | --no-write]
 
 Prints a markdown table and, unless ``--no-write``, puts it into ``docs/results.md`` between
@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- quality-results:begin -->", "<!-- quality-results:end -->"
 COLUMNS = ("before", "after", "delta", "effective_rank_mean", "delta_w_fro_total")
 
@@ -252,8 +252,7 @@ def main(argv: list[str] | None = None) -> str:
             "\n\nPaired by seed (same data order and held-out set): the difference of the "
             "held-out metric, mean ± std over seeds, its 95 % t-interval (an interval that "
             "excludes 0 is the evidence for a difference), and how many seeds it is positive, "
-            "negative or tied in.\n\n"
-            + comparisons
+            "negative or tied in.\n\n" + comparisons
         )
     print(text)
     if not arguments.no_write:

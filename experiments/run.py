@@ -1,6 +1,6 @@
 """Quality runner: fine-tune and evaluate every (model, task, method, lr, seed) of a JSON config.
 
-    python benchmarks/quality/run.py benchmarks/quality/configs/smoke.json --device cpu
+    python -m experiments.run experiments/configs/smoke.json --device cpu   # from the repo root
 
 One JSON result per run at ``<results>/<config name>/<model>__<task>__<method>__seed<k>.json``
 (``<method>`` carries an ``-lr...`` suffix when the config sweeps that family's learning
@@ -9,8 +9,9 @@ name and renamed (atomic). Several workers may run one config at once (one per c
 each claims a run with a ``<result>.lock`` file before training it. Per (model, task) the
 base model's held-out metric and the Fisher scores of the calibration set are computed once
 and cached under ``<results>/<config>/_cache``.
-All methods of a seed get the same data in the same order, the same steps and schedule (the
-CLI's: linear warm-up over 10 % of the steps, then sqrt decay; gradient clipping at 1.0).
+All methods of a seed get the same data in the same order, the same steps and schedule: the
+command line's own training loop (``stiefel_peft.cli.training.train``: linear warm-up over
+10 % of the steps, then sqrt decay; gradient clipping at 1.0).
 """
 
 from __future__ import annotations
@@ -19,26 +20,22 @@ import argparse
 import copy
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.quality.methods import METHODS, MethodContext, build_method
-from benchmarks.quality.metrics import update_metrics
-from benchmarks.quality.models import load_base_model
-from benchmarks.quality.tasks import Task, evaluate, load_task
-from stiefel_peft.cli.workflow import batches, calibration_batches, resolve_device
-from stiefel_peft.cli.loss import supervised_loss
+from experiments.locks import claim, release
+from experiments.methods import METHODS, MethodContext, build_method
+from experiments.metrics import update_metrics
+from experiments.models import load_base_model
+from experiments.tasks import Task, evaluate, load_task
+from stiefel_peft.cli.training import batches, calibration_batches, train
+from stiefel_peft.cli.workflow import resolve_device
 from stiefel_peft.fisher import FisherScores, estimate_fisher
 
 HERE = Path(__file__).resolve().parent
@@ -145,81 +142,6 @@ def write_atomic(path: Path, payload: dict[str, Any]) -> None:
             os.unlink(temporary)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def claim(path: Path) -> bool:
-    """Take the run whose result is ``path`` for this process: create ``<path>.lock`` (holding
-    our pid) atomically. False when another live process on this machine holds it; a lock left
-    by a dead process is taken over. Lets several workers share one config (one per core or
-    GPU); release with :func:`release`."""
-    lock = path.with_name(path.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and owner != os.getpid() and _alive(owner):
-                return False
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(handle, "w") as stream:
-            stream.write(str(os.getpid()))
-        return True
-    return False
-
-
-def release(path: Path) -> None:
-    """Remove the lock that :func:`claim` made for ``path``."""
-    path.with_name(path.name + ".lock").unlink(missing_ok=True)
-
-
-def schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The CLI's schedule (stiefel_peft/cli/finetune.py): warm-up 10 %, then sqrt decay."""
-    warmup = max(1, steps // 10)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (steps - step) / steps) ** 0.5,
-    )
-
-
-def train(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    stream: Any,
-    steps: int,
-    max_grad_norm: float,
-    progress: bool,
-) -> list[float]:
-    """``steps`` optimizer steps on batches from ``stream``; returns the losses."""
-    scheduler = schedule(optimizer, steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), disable=not progress, desc="training", unit="step", leave=False):
-        batch = next(stream)
-        optimizer.zero_grad(set_to_none=True)
-        loss = supervised_loss(model, batch)  # = model(**batch).loss, less vocabulary work
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
-
-
 class Group:
     """The shared state of one (model, task): base model, task data, baseline, Fisher scores."""
 
@@ -250,13 +172,10 @@ class Group:
                 "seconds": time.perf_counter() - start,
             }
             write_atomic(baseline_path, self.baseline)
-        arguments = SimpleNamespace(
-            calibration_examples=config["calibration_examples"], seed=config["split_seed"]
-        )
         self.calibration = calibration_batches(
-            SimpleNamespace(train=self.task.train),
+            self.task.train,
             self.collate,
-            arguments,
+            config["calibration_examples"],
             device,
             config["calibration_batch_size"],
         )
@@ -348,9 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "config", type=Path, help="a JSON config (benchmarks/quality/configs/*.json)"
-    )
+    parser.add_argument("config", type=Path, help="a JSON config (experiments/configs/*.json)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results root folder")
     parser.add_argument(

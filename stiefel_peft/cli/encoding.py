@@ -1,4 +1,4 @@
-"""Generative classification and prompt/completion data for causal LMs.
+"""Encoding examples for causal LMs: generative classification and prompt/completion pairs.
 
 A classification example ``{"text": str, "label": int}`` becomes the prompt
 ``template.format(text=text)`` followed by the answer ``label_words[label]`` (for the built-in
@@ -30,7 +30,7 @@ __all__ = [
     "SENTIMENT_LABEL_NAMES",
     "SENTIMENT_TEMPLATE",
     "Encoded",
-    "TaskCollator",
+    "ExampleCollator",
     "collate",
     "encode_classification",
     "encode_prompt_completion",
@@ -178,7 +178,7 @@ def collate(encoded: Sequence[Encoded], pad_token_id: int) -> dict[str, Tensor]:
 
 
 @dataclass
-class TaskCollator:
+class ExampleCollator:
     """A DataLoader ``collate_fn`` for classification or prompt/completion examples.
 
     Each example is either ``{"text", "label"}`` (encoded with ``template`` and ``label_words``)
@@ -200,7 +200,7 @@ class TaskCollator:
             )
         if "text" in example and "label" in example:
             if self.label_words is None:
-                raise ValueError("classification examples need TaskCollator(label_words=...)")
+                raise ValueError("classification examples need ExampleCollator(label_words=...)")
             return encode_classification(
                 self.tokenizer,
                 example["text"],

@@ -6,11 +6,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from stiefel_peft.cli.scoring import classification_accuracy, label_scores, predict_labels
-from stiefel_peft.cli.tasks import (
+from stiefel_peft.cli.encoding import (
     IGNORE_INDEX,
     Encoded,
-    TaskCollator,
+    ExampleCollator,
     collate,
     encode_classification,
     encode_prompt_completion,
@@ -18,6 +17,7 @@ from stiefel_peft.cli.tasks import (
     split_examples,
     to_prompt_completion,
 )
+from stiefel_peft.cli.scoring import classification_accuracy, label_scores, predict_labels
 from tests.cli.toy import EXAMPLES, LABEL_WORDS, PAD_ID, TEMPLATE, ToyTokenizer
 
 
@@ -106,7 +106,7 @@ def test_collate_rejects_empty_batch_and_missing_pad() -> None:
 
 
 def test_task_collator_takes_both_kinds(word_tokenizer: ToyTokenizer) -> None:
-    collator = TaskCollator(word_tokenizer, LABEL_WORDS, TEMPLATE, max_length=128)
+    collator = ExampleCollator(word_tokenizer, LABEL_WORDS, TEMPLATE, max_length=128)
     pairs = to_prompt_completion(EXAMPLES[:2], LABEL_WORDS, TEMPLATE)
     from_pairs = collator(pairs)
     from_examples = collator(EXAMPLES[:2])
@@ -115,7 +115,7 @@ def test_task_collator_takes_both_kinds(word_tokenizer: ToyTokenizer) -> None:
     with pytest.raises(ValueError, match="'prompt' and 'completion'"):
         collator([{"question": "?"}])
     with pytest.raises(ValueError, match="label_words"):
-        TaskCollator(word_tokenizer)(EXAMPLES[:1])
+        ExampleCollator(word_tokenizer)(EXAMPLES[:1])
 
 
 def test_split_is_deterministic_and_a_partition() -> None:

@@ -1,5 +1,6 @@
-"""benchmarks/quality: the smoke config end to end (resumable, aggregated), the effective rank,
-the block selections and every method's trainable-parameter count on a tiny Llama."""
+"""experiments (the quality study): the smoke config end to end (resumable, aggregated), the
+effective rank, the block selections and every method's trainable-parameter count on a tiny
+Llama."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.quality import aggregate, run
-from benchmarks.quality.methods import METHODS, MethodContext, build_method
-from benchmarks.quality.metrics import effective_rank, lowrank_singular_values, update_metrics
-from benchmarks.quality.models import tiny_llama, word_tokenizer
-from benchmarks.quality.tasks import load_task
-from stiefel_peft.cli.workflow import calibration_batches
+from experiments import aggregate, run
+from experiments.methods import METHODS, MethodContext, build_method
+from experiments.metrics import effective_rank, lowrank_singular_values, update_metrics
+from experiments.models import tiny_llama, word_tokenizer
+from experiments.tasks import load_task
+from stiefel_peft.cli.training import calibration_batches
 from stiefel_peft.fisher import FisherScores, estimate_fisher
 
 CONFIGS = Path(run.__file__).resolve().parent / "configs"
@@ -201,13 +202,8 @@ def tiny_setting():
     tokenizer = word_tokenizer()
     base = tiny_llama(tokenizer, seed=0)
     task = load_task({"name": "synthetic_sentiment", "size": 64, "heldout": 8}, tokenizer, 0, 48)
-    namespace = type("N", (), {"calibration_examples": 8, "seed": 0})
     calibration = calibration_batches(
-        type("D", (), {"train": task.train}),
-        task.collator(tokenizer),
-        namespace,
-        torch.device("cpu"),
-        4,
+        task.train, task.collator(tokenizer), 8, torch.device("cpu"), batch_size=4
     )
     fisher = estimate_fisher(base, calibration, "empirical")
     return base, calibration, fisher
@@ -281,7 +277,7 @@ def test_stiefel_methods_start_orthonormal_at_the_base_model(tiny_setting) -> No
 
 def test_reasoning_gym_task_scores_exact_match() -> None:
     pytest.importorskip("reasoning_gym")
-    from benchmarks.quality.tasks import _score
+    from experiments.tasks import _score
 
     entry = {
         "name": "reasoning_gym:basic_arithmetic",

@@ -26,14 +26,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stiefel_peft.cli.assets import load_rotten_tomatoes
-from stiefel_peft.cli.scoring import classification_accuracy
-from stiefel_peft.cli.tasks import (
+from stiefel_peft.cli.encoding import (
     SENTIMENT_LABEL_NAMES,
     SENTIMENT_TEMPLATE,
-    TaskCollator,
+    ExampleCollator,
     label_words_for,
     split_examples,
 )
+from stiefel_peft.cli.scoring import classification_accuracy
 
 __all__ = ["REASONING_GYM_REQUIREMENT", "Task", "evaluate", "load_task"]
 
@@ -68,8 +68,8 @@ class Task:
     def metric(self) -> str:
         return "accuracy" if self.kind == "classification" else "exact_match"
 
-    def collator(self, tokenizer: PreTrainedTokenizerBase) -> TaskCollator:
-        return TaskCollator(tokenizer, self.label_words, self.template, self.max_length)
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> ExampleCollator:
+        return ExampleCollator(tokenizer, self.label_words, self.template, self.max_length)
 
 
 def _import_reasoning_gym() -> Any:

@@ -1,0 +1,157 @@
+"""Typed settings of the command line: what a run is, independent of argparse.
+
+``stiefel-peft finetune`` parses its options into a :class:`FinetuneSettings`, ``fisher`` into
+a :class:`FisherSettings`; every step of the application takes these (or plain values), never
+an argparse Namespace, so a run can be built in code, saved as ``run_config.json`` and
+replayed. The FoRA and optimizer defaults are the library's own
+(:class:`stiefel_peft.FoRAConfig`): one place for each default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from stiefel_peft.fora import FoRAConfig
+
+__all__ = [
+    "DEFAULT_DATA",
+    "DEFAULT_LABEL_NAMES",
+    "DEFAULT_MODEL",
+    "DEFAULT_STEPS",
+    "DEFAULT_TEMPLATE",
+    "DataSettings",
+    "FinetuneSettings",
+    "FisherSettings",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATA = "rotten-tomatoes"
+DEFAULT_LABEL_NAMES = "negative,positive"
+DEFAULT_TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
+DEFAULT_STEPS = 48
+_LIBRARY = FoRAConfig()  # the library's defaults, read once
+
+
+@dataclass
+class DataSettings:
+    """The model, the data, its encoding and the run's outputs (shared by every command).
+
+    Attributes:
+        model: a built-in model name or a local Hugging Face folder.
+        data: a built-in data set or a .csv/.jsonl/.json file.
+        text_column: the text column of a classification file.
+        label_column: the label column of a classification file.
+        label_names: comma-separated label names (None: the built-in's, or the file's).
+        prompt_column: the prompt column of a prompt/completion file (None: classification).
+        completion_column: the completion column of a prompt/completion file.
+        template: the prompt of a classification example; ``{text}`` is replaced.
+        max_length: tokens per example.
+        heldout: held-out examples scored before and after.
+        calibration_examples: training examples scored by the Fisher pass.
+        estimator: the Fisher estimator.
+        seed: the seed of the split, the initialisation and the data order.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        output: the output folder (resolved and created before the model loads).
+        no_plot: do not write the plot of the block scores.
+        quiet: no progress bars.
+    """
+
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: str | None = None
+    prompt_column: str | None = None
+    completion_column: str = "completion"
+    template: str = DEFAULT_TEMPLATE
+    max_length: int = 96
+    heldout: int = 300
+    calibration_examples: int = 64
+    estimator: str = _LIBRARY.estimator
+    seed: int = 0
+    device: str = "auto"
+    output: str | None = None
+    no_plot: bool = False
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Settings from a dict (``run_config.json``); unknown keys raise ``ValueError``."""
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(data) - known - {"command"})
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; known: {sorted(known)}")
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass
+class FinetuneSettings(DataSettings):
+    """``stiefel-peft finetune``: the data settings plus FoRA and training.
+
+    Attributes:
+        budget: fraction of blocks adapted (``FoRAConfig.budget``).
+        rank: LoRA rank (``FoRAConfig.r``).
+        alpha: LoRA alpha (``FoRAConfig.lora_alpha``).
+        dropout: LoRA dropout (``FoRAConfig.lora_dropout``).
+        retraction: retraction of the Stiefel step.
+        stiefel_factor: the factor kept orthonormal, ``"B"`` or ``"A"``.
+        init: the initialisation (``FoRAConfig.init``).
+        steps: optimizer steps (None: from ``epochs``, else :data:`DEFAULT_STEPS`).
+        epochs: passes over the training split (instead of ``steps``).
+        batch_size: examples per step.
+        lr: AdamW learning rate of ``lora_A`` (and any other trainable parameter).
+        stiefel_lr: learning rate of the Stiefel factor.
+        train_examples: use at most this many training examples.
+    """
+
+    budget: float = _LIBRARY.budget
+    rank: int = _LIBRARY.r
+    alpha: float = _LIBRARY.lora_alpha
+    dropout: float = _LIBRARY.lora_dropout
+    retraction: str = _LIBRARY.retraction
+    stiefel_factor: str = _LIBRARY.stiefel_factor
+    init: str = _LIBRARY.init
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 16
+    lr: float = _LIBRARY.lr
+    stiefel_lr: float = _LIBRARY.stiefel_lr
+    train_examples: int | None = None
+
+    def fora_config(self) -> FoRAConfig:
+        """The library config of this run (every calibration batch is scored)."""
+        return FoRAConfig(
+            budget=self.budget,
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            estimator=self.estimator,
+            retraction=self.retraction,
+            stiefel_factor=self.stiefel_factor,
+            init=self.init,
+            calibration_batches=None,
+            seed=self.seed,
+            lr=self.lr,
+            stiefel_lr=self.stiefel_lr,
+        )
+
+    def total_steps(self, train_size: int) -> int:
+        """``steps``, or ``ceil(epochs * train_size / batch_size)``, or the default 48."""
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * train_size / self.batch_size))
+        return DEFAULT_STEPS
+
+
+@dataclass
+class FisherSettings(DataSettings):
+    """``stiefel-peft fisher``: the data settings plus the scoring batch and the budget."""
+
+    batch_size: int = 8
+    budget: float = _LIBRARY.budget
