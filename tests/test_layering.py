@@ -61,15 +61,15 @@ def test_library_layers_point_one_way_and_never_at_the_application() -> None:
         if top in APPLICATION:
             continue
         own = LIBRARY_LAYERS.get(top, -1)  # the package's __init__ sits below every layer
-        for module, names in _imports(path, _package_of(path)):
+        for module, _ in _imports(path, _package_of(path)):
             home = _home(module)
             if home in ("application", "experiments"):
                 violations.append(f"{path.relative_to(ROOT)} imports the {home}: {module}")
                 continue
             parts = module.split(".")
-            if home == "library" and len(parts) > 1 and parts[1] in LIBRARY_LAYERS:
-                if own >= 0 and LIBRARY_LAYERS[parts[1]] > own:
-                    violations.append(f"{path.relative_to(ROOT)} imports a later layer: {module}")
+            later = len(parts) > 1 and LIBRARY_LAYERS.get(parts[1], -1) > own >= 0
+            if home == "library" and later:
+                violations.append(f"{path.relative_to(ROOT)} imports a later layer: {module}")
     assert not violations, "layering violated:\n" + "\n".join(violations)
 
 
