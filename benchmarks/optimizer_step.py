@@ -5,7 +5,11 @@ machine load hits all of them), median over runs. Shape sets: the SmolLM2-135M F
 (75 factors, always); on CUDA also TinyLlama-1.1B (r = 16) and Llama-3.1-8B (r = 32, 16 blocks).
 Prints a table and writes ``benchmarks/results/optimizer_step.json`` with environment info.
 
-    python benchmarks/optimizer_step.py [--repeats 30] [--steps 10] [--threads 1] [--quick]
+    python benchmarks/optimizer_step.py [--repeats 30] [--steps 10] [--runs 5] [--threads 1]
+
+With ``--runs N`` the whole interleaved measurement is repeated N times (fresh optimizers each
+time) and the table gives the median of the per-run medians and ratios with their range: on a
+shared machine one run's ratio to geoopt alone moves by a third.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 repeats of 2 steps (smoke test)")
+    parser.add_argument("--runs", type=int, default=1, help="independent runs (median, range)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
@@ -119,23 +124,36 @@ def main() -> None:
         ]
     rows = []
     for name, shapes, device in cases:
-        medians = measure(shapes, device, repeats, steps, kinds)
-        for kind, ms in medians.items():
+        runs = [measure(shapes, device, repeats, steps, kinds) for _ in range(max(1, args.runs))]
+        for kind in kinds:
+            times = [run[kind] for run in runs]
+            to_adamw = [run[kind] / run["adamw"] for run in runs]
+            to_geoopt = [run[kind] / run["geoopt"] for run in runs]
             rows.append(
                 {
                     "set": name,
                     "device": device.type,
                     "optimizer": kind,
-                    "median_ms": ms,
-                    "ratio_vs_adamw": ms / medians["adamw"],
-                    "ratio_vs_geoopt": ms / medians["geoopt"],
+                    "median_ms": statistics.median(times),
+                    "ratio_vs_adamw": statistics.median(to_adamw),
+                    "ratio_vs_geoopt": statistics.median(to_geoopt),
+                    "runs": len(runs),
+                    "range_ms": [min(times), max(times)],
+                    "range_vs_adamw": [min(to_adamw), max(to_adamw)],
+                    "range_vs_geoopt": [min(to_geoopt), max(to_geoopt)],
                 }
             )
-    print(f"{'set':34} {'device':6} {'optimizer':28} {'ms':>9} {'/AdamW':>7} {'/geoopt':>8}")
+    print(
+        f"{'set':34} {'device':6} {'optimizer':28} {'ms':>9} {'/AdamW':>7} {'(range)':>13} "
+        f"{'/geoopt':>8} {'(range)':>13}"
+    )
     for row in rows:
+        low_a, high_a = row["range_vs_adamw"]
+        low_g, high_g = row["range_vs_geoopt"]
         print(
             f"{row['set']:34} {row['device']:6} {row['optimizer']:28} {row['median_ms']:9.3f} "
-            f"{row['ratio_vs_adamw']:7.2f} {row['ratio_vs_geoopt']:8.2f}"
+            f"{row['ratio_vs_adamw']:7.2f} [{low_a:5.2f},{high_a:5.2f}] "
+            f"{row['ratio_vs_geoopt']:8.2f} [{low_g:5.2f},{high_g:5.2f}]"
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {

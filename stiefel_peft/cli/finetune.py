@@ -35,7 +35,7 @@ def run(settings: FinetuneSettings) -> dict:
     torch.manual_seed(settings.seed)
 
     say(f"loading {settings.model} on {device} ...")
-    model, tokenizer = load_model(settings.model, device=device)
+    model, tokenizer = load_model(settings.model, device=device, quantize=settings.quantize)
     loaded = time.perf_counter()
     collate = collator(tokenizer, data, settings)
     say(f"data: {len(data.train)} training, {len(data.heldout)} held-out examples ({data.kind})")

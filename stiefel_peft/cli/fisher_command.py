@@ -23,7 +23,7 @@ def run(settings: FisherSettings) -> dict:
     data = load_split_data(settings)
     output = Path(settings.output)
     device = resolve_device(settings.device)
-    model, tokenizer = load_model(settings.model, device=device)
+    model, tokenizer = load_model(settings.model, device=device, quantize=settings.quantize)
     collate = collator(tokenizer, data, settings)
     calibration = calibration_batches(
         data.train, collate, settings.calibration_examples, device, batch_size=settings.batch_size

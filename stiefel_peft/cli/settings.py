@@ -51,6 +51,7 @@ class DataSettings:
         heldout: held-out examples scored before and after.
         calibration_examples: training examples scored by the Fisher pass.
         estimator: the Fisher estimator.
+        quantize: load the base model's linear layers in 4-bit (``"nf4"``: QFoRA), or None.
         seed: the seed of the split, the initialisation and the data order.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         output: the output folder (resolved and created before the model loads).
@@ -70,6 +71,7 @@ class DataSettings:
     heldout: int = 300
     calibration_examples: int = 64
     estimator: str = _LIBRARY.estimator
+    quantize: str | None = None
     seed: int = 0
     device: str = "auto"
     output: str | None = None

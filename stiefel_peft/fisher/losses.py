@@ -54,15 +54,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def head_kind(model: nn.Module, labels: torch.Tensor | None) -> str:
     """Which loss the model's head computes: one of :data:`HEAD_KINDS`.
 
-    Causal LMs are recognised by a class name ending in ``ForCausalLM`` whose ``loss_type``
-    is ``"ForCausalLM"``; sequence classifiers by a name ending in ``ForSequenceClassification``,
-    with the problem type resolved as in Hugging Face (``config.problem_type``, else regression
-    for one label, single-label for integer labels or no labels, multi-label otherwise).
+    Causal LMs are recognised by a class name ending in ``ForCausalLM`` (or ``LMHeadModel``,
+    the GPT-2 family) whose ``loss_type`` is ``"ForCausalLM"`` or unset; sequence classifiers
+    by a name ending in ``ForSequenceClassification``, with the problem type resolved as in
+    Hugging Face (``config.problem_type``, else regression for one label, single-label for
+    integer labels or no labels, multi-label otherwise).
     """
     base = _unwrap(model)
     name = type(base).__name__
     config = getattr(base, "config", None)
-    if name.endswith("ForCausalLM") and getattr(base, "loss_type", "ForCausalLM") == "ForCausalLM":
+    causal = name.endswith("ForCausalLM") or name.endswith("LMHeadModel")  # GPT-2 family
+    if causal and getattr(base, "loss_type", None) in (None, "ForCausalLM"):
         return CAUSAL_LM
     if name.endswith("ForSequenceClassification") and config is not None:
         problem = getattr(config, "problem_type", None)
