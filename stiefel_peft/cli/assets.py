@@ -31,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from stiefel_peft.fora import prepare_quantized
+
 __all__ = [
     "BUILTIN_DATASETS",
     "BUILTIN_MODELS",
@@ -249,6 +251,7 @@ def load_model(
             quantization_config=quantization_config(quantize, device),
             device_map={"": str(torch.device(device))},
         )
+        prepare_quantized(model)  # before the first eval-mode forward (see fora.quantized)
     model.eval()
     return model, tokenizer
 

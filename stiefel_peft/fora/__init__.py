@@ -24,6 +24,7 @@ from stiefel_peft.fora.optimizer import (
     fora_optimizer,
 )
 from stiefel_peft.fora.plan import FoRAPlan, plan_fora, select_top_blocks
+from stiefel_peft.fora.quantized import prepare_quantized
 from stiefel_peft.fora.report import REPORT_FILE, FoRAReport
 from stiefel_peft.fora.scoring import score_blocks
 from stiefel_peft.fora.settings import SETTINGS_FILE, load_fora_adapter
@@ -48,6 +49,7 @@ __all__ = [
     "load_fora_adapter",
     "number_of_selected_blocks",
     "plan_fora",
+    "prepare_quantized",
     "register_initialisation",
     "score_blocks",
     "select_top_blocks",

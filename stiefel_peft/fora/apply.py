@@ -25,6 +25,7 @@ from stiefel_peft.fora.config import FoRAConfig
 from stiefel_peft.fora.initialise import initialise_adapters
 from stiefel_peft.fora.inject import inject_adapters
 from stiefel_peft.fora.plan import plan_fora
+from stiefel_peft.fora.quantized import prepare_quantized
 from stiefel_peft.fora.report import FoRAReport
 from stiefel_peft.fora.scoring import score_blocks
 from stiefel_peft.fora.settings import attach_settings
@@ -104,6 +105,7 @@ def apply_fora(
         overrides["budget"] = budget
     config = config.with_overrides(**overrides) if overrides else config
     base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
+    prepare_quantized(base)  # a 4-bit base must keep its gradients (QFoRA)
     plan = plan_fora(base, config)
     scores, data_free = None, False
     start = time.perf_counter()

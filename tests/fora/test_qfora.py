@@ -13,7 +13,12 @@ import peft
 import pytest
 import torch
 
-from stiefel_peft.fora import apply_fora, constrained_parameters, fora_optimizer
+from stiefel_peft.fora import (
+    apply_fora,
+    constrained_parameters,
+    fora_optimizer,
+    prepare_quantized,
+)
 from stiefel_peft.geometry import orthogonality_error
 from tests.tiny_models import tiny_model_case
 
@@ -77,9 +82,39 @@ def test_qfora_scores_trains_orthonormal_and_reloads_on_a_fresh_4bit_base(
     with torch.no_grad():
         trained = model(**inputs).logits
     model.save_pretrained(tmp_path)
-    reloaded = peft.PeftModel.from_pretrained(_four_bit(base_folder), tmp_path).eval()
+    fresh = _four_bit(base_folder)
+    prepare_quantized(fresh)  # the same bitsandbytes kernel path as the trained model's
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, trained, atol=1e-4, rtol=0)
+
+
+def test_inference_before_apply_fora_is_refused_not_silently_gradient_free(
+    base_folder: Path,
+) -> None:
+    # bitsandbytes repacks CPU weights for inference at the first no-grad eval forward, after
+    # which no gradient flows through them: apply_fora must say so, not score zeros
+    case = tiny_model_case("llama")
+    model = _four_bit(base_folder)
+    batch = case.make_batch(2, 6, 0)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        model(**inputs)
+    packed = any(
+        getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        for layer in model.modules()
+        if isinstance(layer, bitsandbytes.nn.Linear4bit)
+    )
+    if not packed:
+        pytest.skip("this CPU has no AVX-512 BF16: bitsandbytes does not repack here")
+    with pytest.raises(ValueError, match="repacked by bitsandbytes.*Load the model again"):
+        apply_fora(model, 0.5, calibration=[batch], r=RANK)
+    fresh = _four_bit(base_folder)
+    prepare_quantized(fresh)
+    with torch.no_grad():
+        fresh(**inputs)  # inference after prepare_quantized: no repacking
+    scores = apply_fora(fresh, 0.5, calibration=[batch], r=RANK).fora_report.per_block_scores
+    assert all(value > 0 for value in scores.values())
 
 
 def test_taylor_refuses_the_packed_4bit_weights(base_folder: Path) -> None:
