@@ -1,8 +1,9 @@
 """The FoRA frontend: ``apply_fora`` and its public steps, ``FoRAConfig``, ``fora_optimizer``.
 
 ``apply_fora`` = plan (:func:`plan_fora`) -> score (:func:`score_blocks`) -> select
-(:meth:`FoRAPlan.select_top`) -> inject (:func:`inject_adapters`) -> initialise
-(:func:`initialise_adapters`, a registry of named initialisations). See ``docs/fora.md``.
+(:func:`select`, a registry of named selections) -> inject (:func:`inject_adapters`) ->
+initialise (:func:`initialise_adapters`, a registry of named initialisations). See
+``docs/fora.md``.
 """
 
 from stiefel_peft.fora.apply import apply_fora
@@ -27,6 +28,7 @@ from stiefel_peft.fora.plan import FoRAPlan, plan_fora, select_top_blocks
 from stiefel_peft.fora.quantized import prepare_quantized
 from stiefel_peft.fora.report import REPORT_FILE, FoRAReport
 from stiefel_peft.fora.scoring import score_blocks
+from stiefel_peft.fora.selection import SELECTIONS, register_selection, select
 from stiefel_peft.fora.settings import SETTINGS_FILE, load_fora_adapter
 from stiefel_peft.fora.targets import DEFAULT_TARGET_SCHEMES
 
@@ -36,6 +38,7 @@ __all__ = [
     "DEFAULT_TARGET_SCHEMES",
     "INITIALISATIONS",
     "REPORT_FILE",
+    "SELECTIONS",
     "SETTINGS_FILE",
     "FoRAConfig",
     "FoRAPlan",
@@ -51,6 +54,8 @@ __all__ = [
     "plan_fora",
     "prepare_quantized",
     "register_initialisation",
+    "register_selection",
     "score_blocks",
+    "select",
     "select_top_blocks",
 ]

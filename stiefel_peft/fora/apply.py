@@ -6,7 +6,7 @@ their paper-default composition::
 
     plan = plan_fora(model, config)
     scores, data_free = score_blocks(model, calibration, config.estimator, ...)
-    plan = plan.select_top(scores.per_block)
+    plan = select(plan, scores, config)      # config.selection: top_blocks, top_modules, ...
     model = inject_adapters(model, plan, config)
     initialise_adapters(model, plan, config, calibration)
 """
@@ -28,6 +28,7 @@ from stiefel_peft.fora.plan import plan_fora
 from stiefel_peft.fora.quantized import prepare_quantized
 from stiefel_peft.fora.report import FoRAReport
 from stiefel_peft.fora.scoring import score_blocks
+from stiefel_peft.fora.selection import select
 from stiefel_peft.fora.settings import attach_settings
 
 __all__ = ["ADAPTER_NAME", "apply_fora"]
@@ -52,8 +53,10 @@ def apply_fora(
     2. Score: rank the blocks by the Fisher score on ``calibration`` (``config.estimator``, at
        most ``config.calibration_batches`` batches); without calibration data, by the
        data-free fallback, with a warning. Nothing is scored when every block is kept.
-    3. Inject: keep the top ``K = max(1, floor(L * budget))`` blocks and put a plain peft LoRA
-       adapter on their target layers (``LoraConfig.target_modules`` = the exact names).
+    3. Select and inject: by default keep the top ``K = max(1, floor(L * budget))`` blocks
+       (``config.selection`` names other rules at the same parameter budget) and put a plain
+       peft LoRA adapter on their target layers (``LoraConfig.target_modules`` = the exact
+       names).
     4. Initialise: ``config.init`` (default ``"orthonormal"``: the constrained factor a random
        orthonormal frame and the other zero, so the model's output is unchanged at first).
 
@@ -116,7 +119,7 @@ def apply_fora(
                 scores, data_free = _score(model, calibration, config, progress, group)
         else:
             scores, data_free = _score(model, calibration, config, progress, group)
-        plan = plan.select_top(scores.per_block)  # block indices match under peft's wrapper
+        plan = select(plan, scores, config)  # block indices and names match under peft
     scoring_seconds = time.perf_counter() - start
     adapted = inject_adapters(model, plan, config, adapter_name)
     info = initialise_adapters(adapted, plan, config, calibration, adapter_name)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from stiefel_peft.fisher import ESTIMATORS
+from stiefel_peft.fora.selection import SELECTIONS
 from stiefel_peft.geometry import RETRACTIONS
 
 __all__ = ["DEFAULT_LR", "DEFAULT_STIEFEL_LR", "FoRAConfig", "number_of_selected_blocks"]
@@ -70,6 +71,10 @@ class FoRAConfig:
         use_rslora: peft's rank-stabilised scaling ``alpha / sqrt(r)``, passed through.
         modules_to_save: module names trained in full and saved with the adapter (a new
             classifier head, for example), passed through to peft.
+        selection: a name in :data:`stiefel_peft.fora.selection.SELECTIONS`: how the scores
+            become a plan at the same parameter budget: ``"top_blocks"`` (the paper: the
+            ``K`` best blocks), ``"top_modules"`` (layers one by one, by score per
+            parameter) or ``"fisher_rank"`` (every block, rank proportional to its score).
     """
 
     budget: float = 0.5
@@ -88,6 +93,7 @@ class FoRAConfig:
     bias: str = "none"
     use_rslora: bool = False
     modules_to_save: tuple[str, ...] | None = None
+    selection: str = "top_blocks"
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -137,6 +143,11 @@ class FoRAConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive learning rate, got {value!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(
+                f"`selection` must be one of {sorted(SELECTIONS)}, got {self.selection!r} (add "
+                "your own with stiefel_peft.fora.register_selection)"
+            )
         if not isinstance(self.init, str) or not self.init:
             raise ValueError(f"`init` must name an initialisation, got {self.init!r}")
         if self.bias not in BIASES:

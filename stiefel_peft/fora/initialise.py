@@ -95,7 +95,8 @@ def orthonormal(
     for name, layer in lora_layers(model, plan, adapter_name).items():
         d_in, d_out = plan.features[name]
         size = d_out if config.stiefel_factor == "B" else d_in
-        frame = random_stiefel(size, config.r, dtype=torch.float64, generator=generator)
+        rank = plan.rank_of(name, config.r)
+        frame = random_stiefel(size, rank, dtype=torch.float64, generator=generator)
         _write(layer, adapter_name, frame, config.stiefel_factor)
     return {}
 
@@ -144,12 +145,13 @@ def gradient(
         left, _, right_h = torch.linalg.svd(
             sums[name], full_matrices=False
         )  # (d_out, k), (k, d_in)
-        if left.shape[1] < config.r:
+        rank = plan.rank_of(name, config.r)
+        if left.shape[1] < rank:
             raise ValueError(
-                f"init='gradient' needs min(d_out, d_in) >= r={config.r}; {name!r} has "
+                f"init='gradient' needs min(d_out, d_in) >= r={rank}; {name!r} has "
                 f"{tuple(sums[name].shape)}"
             )
-        frame = left[:, : config.r] if config.stiefel_factor == "B" else right_h[: config.r].mT
+        frame = left[:, :rank] if config.stiefel_factor == "B" else right_h[:rank].mT
         _write(layer, adapter_name, frame.contiguous(), config.stiefel_factor)
     return {"gradient_batches": batches}
 

@@ -8,6 +8,8 @@ that already is a ``PeftModel`` the adapter is added beside the others (``add_ad
 
 from __future__ import annotations
 
+import re
+
 import peft
 from torch import nn
 
@@ -44,8 +46,16 @@ def lora_config(model: nn.Module, plan: FoRAPlan, config: FoRAConfig) -> peft.Lo
             "the plan adapts no layer: select blocks first (plan.select_top(scores), "
             "plan.with_blocks(...) or plan.with_modules(...))"
         )
+    # Layers at their own rank keep the scaling alpha / r of the others (alpha_l = alpha r_l / r).
+    ranks = {f"^{re.escape(name)}$": rank for name, rank in plan.ranks.items()}
+    alphas = {
+        f"^{re.escape(name)}$": config.lora_alpha * rank / config.r
+        for name, rank in plan.ranks.items()
+    }
     return peft.LoraConfig(
         r=config.r,
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(plan.adapted_modules),

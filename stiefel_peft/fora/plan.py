@@ -41,6 +41,7 @@ class FoRAPlan:
         selected_blocks: the chosen blocks, ascending (empty until selected).
         adapted_modules: the exact names that get an adapter (the targets of the selected
             blocks, or the modules chosen one by one).
+        ranks: module name -> its rank where it differs from ``config.r`` (empty: uniform).
     """
 
     blocks: BlockList
@@ -50,6 +51,7 @@ class FoRAPlan:
     count: int
     selected_blocks: tuple[int, ...] = ()
     adapted_modules: tuple[str, ...] = field(default=())
+    ranks: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def needs_scores(self) -> bool:
@@ -70,7 +72,7 @@ class FoRAPlan:
                 f"got {sorted(blocks)}"
             )
         adapted = tuple(name for index in chosen for name in self.per_block[index])
-        return replace(self, selected_blocks=tuple(chosen), adapted_modules=adapted)
+        return replace(self, selected_blocks=tuple(chosen), adapted_modules=adapted, ranks={})
 
     def select_top(self, per_block: Mapping[int, float]) -> FoRAPlan:
         """The plan with the ``count`` best blocks by ``per_block`` scores selected."""
@@ -91,16 +93,36 @@ class FoRAPlan:
             )
         ordered = tuple(name for name in self.features if name in wanted)  # model order
         blocks = tuple(sorted({self.blocks.index_of(name) for name in ordered}))
-        return replace(self, selected_blocks=blocks, adapted_modules=ordered)
+        return replace(self, selected_blocks=blocks, adapted_modules=ordered, ranks={})
+
+    def with_ranks(self, ranks: Mapping[str, int]) -> FoRAPlan:
+        """The plan with these adapted layers at their own rank (the others at ``config.r``).
+
+        Raises:
+            ValueError: a name that is not adapted, or a rank below 1.
+        """
+        unknown = sorted(set(ranks) - set(self.adapted_modules))
+        bad = {name: rank for name, rank in ranks.items() if int(rank) < 1}
+        if unknown or bad:
+            raise ValueError(
+                f"ranks must name adapted layers with ranks >= 1; unknown {unknown[:3]}, "
+                f"bad {dict(list(bad.items())[:3])}"
+            )
+        return replace(self, ranks={name: int(rank) for name, rank in ranks.items()})
+
+    def rank_of(self, name: str, r: int) -> int:
+        """The rank of adapted layer ``name``: its own, else ``r``."""
+        return self.ranks.get(name, r)
 
     def parameters(self, r: int, names: Iterable[str] | None = None) -> int:
-        """LoRA parameters ``r (d_in + d_out)`` summed over ``names`` (default: the adapted)."""
+        """LoRA parameters ``rank (d_in + d_out)`` summed over ``names`` (default: the
+        adapted), each at :meth:`rank_of` (``r`` for names without their own)."""
         chosen = self.adapted_modules if names is None else names
-        return sum(r * sum(self.features[name]) for name in chosen)
+        return sum(self.rank_of(name, r) * sum(self.features[name]) for name in chosen)
 
     def lora_equivalent(self, r: int) -> int:
         """The parameters of LoRA with the same r and targets on every block."""
-        return self.parameters(r, self.features)
+        return sum(r * sum(self.features[name]) for name in self.features)
 
 
 def plan_fora(model: nn.Module, config: FoRAConfig) -> FoRAPlan:

@@ -62,6 +62,8 @@ class FoRAReport:
     calibration_examples: int
     init: str = "orthonormal"
     extra: dict[str, Any] = field(default_factory=dict)
+    selection: str = "top_blocks"
+    ranks: dict[str, int] | None = None
 
     @classmethod
     def from_plan(
@@ -97,6 +99,8 @@ class FoRAReport:
             calibration_examples=scores.num_examples if scores is not None else 0,
             init=config.init,
             extra=dict(extra or {}),
+            selection=config.selection,
+            ranks=dict(plan.ranks) or None,
         )
 
     def to_dict(self) -> dict[str, Any]:
