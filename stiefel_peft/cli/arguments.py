@@ -1,20 +1,31 @@
-"""The command line: options into typed settings, and the checks before any long work.
+"""The command line: options into typed settings.
 
 Every option's default is the settings' own (:mod:`stiefel_peft.cli.settings`, which reads the
-library's); :func:`parse` returns the command and its settings. Every check here is cheap (no
-model is loaded): a bad option stops the program with one line and exit code 2 before minutes
-are spent loading and scoring.
+library's); :func:`parse` returns the command and its settings. ``--config run_config.json``
+(and ``--resume``, which reads the checkpoint's) replays a run's settings; options given on the
+command line override them. The checks that need more than argparse are in
+:mod:`stiefel_peft.cli.checks`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import time
+import json
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
+from stiefel_peft import __version__
+from stiefel_peft.cli import merge_command, retractions_command
 from stiefel_peft.cli.assets import BUILTIN_DATASETS, BUILTIN_MODELS, QUANTIZATIONS
+from stiefel_peft.cli.options import (
+    OneLineParser,
+    UsageError,
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from stiefel_peft.cli.settings import (
     DEFAULT_LABEL_NAMES,
     DataSettings,
@@ -22,49 +33,10 @@ from stiefel_peft.cli.settings import (
     FisherSettings,
 )
 from stiefel_peft.fisher import ESTIMATORS
-from stiefel_peft.fora import INITIALISATIONS
+from stiefel_peft.fora import INITIALISATIONS, SELECTIONS
 from stiefel_peft.geometry import RETRACTIONS
 
 SETTINGS = {"finetune": FinetuneSettings, "fisher": FisherSettings}
-
-
-class UsageError(Exception):
-    """A bad option: reported as one line with exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (and exit code 2), not the whole usage."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def _add_model_and_data(parser: argparse.ArgumentParser, defaults: DataSettings) -> None:
@@ -72,14 +44,25 @@ def _add_model_and_data(parser: argparse.ArgumentParser, defaults: DataSettings)
     group.add_argument(
         "--model",
         default=defaults.model,
-        help=f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) or a local Hugging Face "
-        "folder of a causal LM (default: %(default)s)",
+        help=f"a built-in model ({', '.join(sorted(BUILTIN_MODELS))}), a local Hugging Face "
+        "folder of a causal LM, or a hub id org/name (default: %(default)s)",
     )
     group.add_argument(
         "--data",
         default=defaults.data,
-        help=f"a built-in data set ({', '.join(sorted(BUILTIN_DATASETS))}) or a .csv/.jsonl file "
-        "with text and label columns, or prompt and completion columns (default: %(default)s)",
+        help=f"a built-in data set ({', '.join(sorted(BUILTIN_DATASETS))}), a .csv/.jsonl/.json "
+        "file, a folder saved with datasets' save_to_disk, or a hub dataset name; with text and "
+        "label columns, or prompt and completion columns (default: %(default)s)",
+    )
+    group.add_argument(
+        "--split",
+        default=defaults.split,
+        help="the training split of data with named splits (default: train)",
+    )
+    group.add_argument(
+        "--eval-split",
+        default=defaults.eval_split,
+        help="a split to take the held-out examples from (default: hold out training rows)",
     )
     group.add_argument(
         "--text-column",
@@ -115,19 +98,19 @@ def _add_model_and_data(parser: argparse.ArgumentParser, defaults: DataSettings)
     )
     group.add_argument(
         "--max-length",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.max_length,
         help="tokens per example, the review text is truncated (default: %(default)s)",
     )
     group.add_argument(
         "--heldout",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=defaults.heldout,
         help="held-out examples for the accuracy before and after (default: %(default)s)",
     )
     group.add_argument(
         "--calibration-examples",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.calibration_examples,
         help="training examples scored by the Fisher pass (default: %(default)s)",
     )
@@ -165,10 +148,15 @@ def _add_model_and_data(parser: argparse.ArgumentParser, defaults: DataSettings)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``stiefel-peft`` parser; every default comes from the command's settings class."""
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = OneLineParser(
         prog="stiefel-peft",
         description="FoRA: Fisher-selected blocks + LoRA with an orthonormal factor.",
     )
+    parser.add_argument("--version", action="version", version=f"stiefel-peft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     finetune = commands.add_parser(
         "finetune",
@@ -182,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     fora = finetune.add_argument_group("FoRA and training")
     fora.add_argument(
         "--budget",
-        type=_fraction,
+        type=fraction,
         default=tuned.budget,
         help="fraction of blocks adapted, in (0, 1]",
     )
-    fora.add_argument("--rank", type=_positive_int, default=tuned.rank, help="LoRA rank r")
+    fora.add_argument("--rank", type=positive_int, default=tuned.rank, help="LoRA rank r")
     fora.add_argument(
-        "--alpha", type=_positive_float, default=tuned.alpha, help="LoRA alpha (scaling alpha / r)"
+        "--alpha", type=positive_float, default=tuned.alpha, help="LoRA alpha (scaling alpha / r)"
     )
     fora.add_argument("--dropout", type=float, default=tuned.dropout, help="LoRA dropout")
     fora.add_argument(
@@ -211,35 +199,79 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration gradient) or peft (its own, not orthonormal)",
     )
     fora.add_argument(
+        "--selection",
+        choices=sorted(SELECTIONS),
+        default=tuned.selection,
+        help="how the Fisher scores choose the adapted layers at the same parameter budget: "
+        "top_blocks (the paper), top_modules (layer by layer) or fisher_rank (every block, rank "
+        "in proportion to its score)",
+    )
+    fora.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=tuned.steps,
         help="optimizer steps (default: 48, or from --epochs)",
     )
     fora.add_argument(
         "--epochs",
-        type=_positive_float,
+        type=positive_float,
         default=tuned.epochs,
         help="passes over the training split (instead of --steps)",
     )
     fora.add_argument(
-        "--batch-size", type=_positive_int, default=tuned.batch_size, help="examples per step"
+        "--batch-size",
+        type=positive_int,
+        default=tuned.batch_size,
+        help="examples per optimizer step, all processes together",
+    )
+    fora.add_argument(
+        "--micro-batch-tokens",
+        type=positive_int,
+        default=tuned.micro_batch_tokens,
+        help="the most padded tokens per forward pass on one process: each step is cut into "
+        "passes within it and the gradients accumulated; bounds the peak memory (default: 128 "
+        "on the CPU, the whole batch on CUDA)",
+    )
+    fora.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=tuned.precision,
+        help="training precision (autocast; fp16 with loss scaling, CUDA only)",
+    )
+    fora.add_argument(
+        "--save-every",
+        type=positive_int,
+        default=tuned.save_every,
+        help="write <output>/checkpoint-<step>/ every N steps (Ctrl-C always writes one)",
+    )
+    fora.add_argument(
+        "--eval-every",
+        type=positive_int,
+        default=tuned.eval_every,
+        help="score the held-out examples every N steps (in metrics.jsonl)",
+    )
+    fora.add_argument(
+        "--resume",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a run from its checkpoint-<step> folder (its settings are replayed; "
+        "options given here override them)",
     )
     fora.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=tuned.lr,
         help="AdamW learning rate of the Euclidean factor (lora_A with --stiefel-factor B)",
     )
     fora.add_argument(
         "--stiefel-lr",
-        type=_positive_float,
+        type=positive_float,
         default=tuned.stiefel_lr,
         help="learning rate of the Stiefel factor (lora_B with --stiefel-factor B)",
     )
     fora.add_argument(
         "--train-examples",
-        type=_positive_int,
+        type=positive_int,
         default=tuned.train_examples,
         help="use at most this many training examples",
     )
@@ -253,100 +285,81 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_and_data(fisher, scored)
     fisher.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=scored.batch_size,
-        help="examples per scoring batch",
+        help="examples per scoring batch (the scores do not depend on it; the memory does)",
     )
     fisher.add_argument(
         "--budget",
-        type=_fraction,
+        type=fraction,
         default=scored.budget,
         help="mark the top fraction of blocks as selected",
     )
-    return parser
-
-
-def parse(argv: list[str] | None = None) -> tuple[str, DataSettings]:
-    """The command and its typed settings (argparse exits 2 on a malformed option)."""
-    arguments = build_parser().parse_args(argv)
-    settings_class = SETTINGS[arguments.command]
-    values = {item.name: getattr(arguments, item.name) for item in fields(settings_class)}
-    return arguments.command, settings_class(**values)
-
-
-def resolve_output(settings: DataSettings, command: str) -> Path:
-    """The output folder: ``settings.output``, else ``runs/<command>-<date>-<time>``."""
-    if settings.output is not None:
-        return Path(settings.output)
-    return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check(settings: DataSettings, command: str) -> None:
-    """The checks argparse cannot do; raise :class:`UsageError` with one line.
-
-    Last, the output folder is resolved once (``settings.output`` is set to it) and created.
-    """
-    if settings.model not in BUILTIN_MODELS:
-        folder = Path(settings.model).expanduser()
-        if not folder.is_dir():
-            raise UsageError(
-                f"--model {settings.model!r} is neither a built-in model "
-                f"({', '.join(sorted(BUILTIN_MODELS))}) nor an existing folder"
-            )
-        if not (folder / "config.json").is_file():
-            raise UsageError(
-                f"--model folder {str(folder)!r} has no config.json (not a Hugging Face folder)"
-            )
-    if settings.data not in BUILTIN_DATASETS:
-        path = Path(settings.data)
-        if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
-            raise UsageError(
-                f"--data {settings.data!r} is neither a built-in data set "
-                f"({', '.join(sorted(BUILTIN_DATASETS))}) nor a .csv/.jsonl file"
-            )
-        if not path.is_file():
-            raise UsageError(f"--data file {settings.data!r} does not exist")
-    if "{text}" not in settings.template:
-        raise UsageError("--template must contain {text}")
-    if isinstance(settings, FinetuneSettings):
-        if settings.steps is not None and settings.epochs is not None:
-            raise UsageError("give --steps or --epochs, not both")
-        if not 0 <= settings.dropout < 1:
-            raise UsageError(f"--dropout must be in [0, 1), got {settings.dropout}")
-    if settings.quantize is not None and importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError(
-            f"--quantize {settings.quantize} needs bitsandbytes: pip install "
-            "'stiefel_peft[quantization]' (or pip install bitsandbytes)"
+    for command_parser in (finetune, fisher):
+        command_parser.add_argument(
+            "--config",
+            default=None,
+            metavar="RUN_CONFIG",
+            help="replay the settings of a run_config.json; options given here override them",
         )
-    device = settings.device
-    if device != "auto" and not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device} asked for CUDA, but torch sees no CUDA device")
-    settings.output = str(prepare_output(resolve_output(settings, command)))
+    merge_command.add_parser(commands)
+    retractions_command.add_parser(commands)
+    return parser, {"finetune": finetune, "fisher": fisher}
 
 
-def prepare_output(output: Path) -> Path:
-    """Create the output folder now, before any model loads, so that a path that cannot be
-    written fails in a second, not after the training (one line, exit 2).
+def _replayed(path: Path, command: str, drop: tuple[str, ...]) -> dict[str, Any]:
+    """The settings stored in a ``run_config.json`` for ``command``, minus ``drop``.
 
     Raises:
-        UsageError: the folder exists and is not empty, or cannot be created (a path under a
-            regular file, a read-only or virtual file system, no permission).
+        UsageError: an unreadable file, another command's settings, or unknown keys.
     """
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {str(output)!r} exists and is a file; pick a new directory")
-    if output.is_dir() and any(output.iterdir()):
-        raise UsageError(f"--output {str(output)!r} exists and is not empty; pick a new directory")
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".stiefel-peft-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise UsageError(f"--output {str(output)!r} cannot be created: {reason}") from None
-    return output
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"--config {str(path)!r} cannot be read: {error}") from None
+    if not isinstance(stored, dict) or stored.get("command", command) != command:
+        raise UsageError(f"--config {str(path)!r} holds no settings of the {command} command")
+    known = {item.name for item in fields(SETTINGS[command])}
+    unknown = sorted(set(stored) - known - {"command"})
+    if unknown:
+        raise UsageError(f"--config {str(path)!r} has unknown settings {unknown}")
+    return {key: value for key, value in stored.items() if key in known and key not in drop}
+
+
+def _resume_config(checkpoint: str) -> Path | None:
+    folder = Path(checkpoint).expanduser()
+    for candidate in (folder / "run_config.json", folder.parent / "run_config.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def parse(argv: list[str] | None = None) -> tuple[str, Any]:
+    """The command and its typed settings (argparse exits 2 on a malformed option).
+
+    For ``finetune`` and ``fisher``, ``--config`` (or the run config of ``--resume``'s
+    checkpoint) supplies the defaults; a resumed run keeps its folder unless ``--output`` is
+    given.
+
+    Raises:
+        UsageError: an unreadable or foreign ``--config`` (``merge`` and ``retractions``
+            check their own options here too).
+    """
+    parser, replayable = _build()
+    arguments = parser.parse_args(argv)
+    command = arguments.command
+    if command == "merge":
+        return command, merge_command.settings_from(arguments)
+    if command == "retractions":
+        return command, retractions_command.settings_from(arguments)
+    config = Path(arguments.config) if arguments.config else None
+    resume = getattr(arguments, "resume", None)
+    if config is None and resume is not None:
+        config = _resume_config(resume)
+    if config is not None:
+        drop = ("resume", "output") if resume is not None else ("resume",)
+        replayable[command].set_defaults(**_replayed(config, command, drop))
+        arguments = parser.parse_args(argv)
+    settings_class = SETTINGS[command]
+    values = {item.name: getattr(arguments, item.name) for item in fields(settings_class)}
+    return command, settings_class(**values)

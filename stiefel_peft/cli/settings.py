@@ -31,6 +31,10 @@ DEFAULT_DATA = "rotten-tomatoes"
 DEFAULT_LABEL_NAMES = "negative,positive"
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
 DEFAULT_STEPS = 48
+# A training pass holds ~2 MB per token on SmolLM2-135M (its activations for the backward):
+# the budget bounds the run's peak memory (1.45 GB at 128 with the ~1.05 GB of weights and
+# libraries); measured step time is within noise of one pass per step.
+CPU_MICRO_BATCH_TOKENS = 128
 _LIBRARY = FoRAConfig()  # the library's defaults, read once
 
 
@@ -39,8 +43,11 @@ class DataSettings:
     """The model, the data, its encoding and the run's outputs (shared by every command).
 
     Attributes:
-        model: a built-in model name or a local Hugging Face folder.
-        data: a built-in data set or a .csv/.jsonl/.json file.
+        model: a built-in model name, a local Hugging Face folder or a hub id (``org/name``).
+        data: a built-in data set, a .csv/.jsonl/.json file, a folder saved with
+            ``datasets``' ``save_to_disk``, or a hub dataset name.
+        split: the training split of a dataset with named splits (None: ``train``).
+        eval_split: a split whose examples are held out (None: hold out training rows).
         text_column: the text column of a classification file.
         label_column: the label column of a classification file.
         label_names: comma-separated label names (None: the built-in's, or the file's).
@@ -48,7 +55,7 @@ class DataSettings:
         completion_column: the completion column of a prompt/completion file.
         template: the prompt of a classification example; ``{text}`` is replaced.
         max_length: tokens per example.
-        heldout: held-out examples scored before and after.
+        heldout: held-out examples scored before and after (of ``eval_split`` when given).
         calibration_examples: training examples scored by the Fisher pass.
         estimator: the Fisher estimator.
         quantize: load the base model's linear layers in 4-bit (``"nf4"``: QFoRA), or None.
@@ -61,6 +68,8 @@ class DataSettings:
 
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
+    split: str | None = None
+    eval_split: str | None = None
     text_column: str = "text"
     label_column: str = "label"
     label_names: str | None = None
@@ -103,9 +112,20 @@ class FinetuneSettings(DataSettings):
         retraction: retraction of the Stiefel step.
         stiefel_factor: the factor kept orthonormal, ``"B"`` or ``"A"``.
         init: the initialisation (``FoRAConfig.init``).
+        selection: how the scores choose the adapted layers (``FoRAConfig.selection``).
         steps: optimizer steps (None: from ``epochs``, else :data:`DEFAULT_STEPS`).
         epochs: passes over the training split (instead of ``steps``).
-        batch_size: examples per step.
+        batch_size: examples per optimizer step (all processes together).
+        micro_batch_tokens: the most padded tokens per forward pass on one process; each
+            step's examples are cut into passes within it and their gradients accumulated.
+            None: :data:`CPU_MICRO_BATCH_TOKENS` on the CPU (the activations a backward holds
+            grow with its tokens: this bounds the run's peak memory at no cost in step time),
+            the whole batch on CUDA. The Fisher pass scores ``budget // max_length`` examples
+            at a time.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (CUDA only).
+        save_every: write ``<output>/checkpoint-<step>/`` every this many steps.
+        eval_every: score the held-out examples every this many steps (``metrics.jsonl``).
+        resume: a ``checkpoint-<step>`` folder to continue from.
         lr: AdamW learning rate of ``lora_A`` (and any other trainable parameter).
         stiefel_lr: learning rate of the Stiefel factor.
         train_examples: use at most this many training examples.
@@ -118,9 +138,15 @@ class FinetuneSettings(DataSettings):
     retraction: str = _LIBRARY.retraction
     stiefel_factor: str = _LIBRARY.stiefel_factor
     init: str = _LIBRARY.init
+    selection: str = _LIBRARY.selection
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 16
+    micro_batch_tokens: int | None = None
+    precision: str = "fp32"
+    save_every: int | None = None
+    eval_every: int | None = None
+    resume: str | None = None
     lr: float = _LIBRARY.lr
     stiefel_lr: float = _LIBRARY.stiefel_lr
     train_examples: int | None = None
@@ -136,6 +162,7 @@ class FinetuneSettings(DataSettings):
             retraction=self.retraction,
             stiefel_factor=self.stiefel_factor,
             init=self.init,
+            selection=self.selection,
             calibration_batches=None,
             seed=self.seed,
             lr=self.lr,
@@ -150,10 +177,23 @@ class FinetuneSettings(DataSettings):
             return max(1, math.ceil(self.epochs * train_size / self.batch_size))
         return DEFAULT_STEPS
 
+    def tokens_per_pass(self, device_type: str) -> int | None:
+        """:attr:`micro_batch_tokens`, or its default on ``device_type`` (see above)."""
+        if self.micro_batch_tokens is not None:
+            return self.micro_batch_tokens
+        return CPU_MICRO_BATCH_TOKENS if device_type == "cpu" else None
+
+    def scoring_batch(self, device_type: str) -> int:
+        """Examples per Fisher-pass batch: twice as many of ``max_length`` as the pass budget
+        holds (the Fisher pass runs in eval mode, without dropout copies or optimizer state,
+        at about half the memory per token), at least one; 8 without a budget."""
+        budget = self.tokens_per_pass(device_type)
+        return 8 if budget is None else max(1, 2 * budget // self.max_length)
+
 
 @dataclass
 class FisherSettings(DataSettings):
     """``stiefel-peft fisher``: the data settings plus the scoring batch and the budget."""
 
-    batch_size: int = 8
+    batch_size: int = 2
     budget: float = _LIBRARY.budget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,12 +12,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stiefel_peft.cli.arguments import UsageError
-from stiefel_peft.cli.assets import BUILTIN_DATASETS, MissingAssetError, load_builtin_dataset
+from stiefel_peft.cli.assets import MissingAssetError, load_builtin_dataset
 from stiefel_peft.cli.encoding import ExampleCollator, label_words_for, split_examples
-from stiefel_peft.cli.files import load_classification_file, load_prompt_completion_file
+from stiefel_peft.cli.files import (
+    classification_examples,
+    prompt_completion_examples,
+    read_records,
+)
+from stiefel_peft.cli.options import UsageError
 from stiefel_peft.cli.scoring import classification_accuracy
 from stiefel_peft.cli.settings import DEFAULT_LABEL_NAMES, DataSettings
+from stiefel_peft.cli.sources import data_kind, read_dataset_rows
 
 
 class SplitData:
@@ -38,37 +44,69 @@ class SplitData:
         return "classification" if self.label_names is not None else "prompt_completion"
 
 
+def _examples(
+    records: list[dict[str, Any]], source: str, settings: DataSettings, names: Any
+) -> tuple[list[dict[str, Any]], tuple[str, ...] | None]:
+    if settings.prompt_column is not None:
+        pairs = prompt_completion_examples(
+            records, source, settings.prompt_column, settings.completion_column
+        )
+        return list(pairs), None
+    return classification_examples(
+        records, source, settings.text_column, settings.label_column, names
+    )
+
+
 def load_split_data(settings: DataSettings) -> SplitData:
-    """Load and split the data; every problem becomes a :class:`UsageError` (cheap, no model)."""
-    names = (
+    """Load and split the data; every problem becomes a :class:`UsageError` (cheap, no model).
+
+    Without ``settings.eval_split`` the held-out examples are ``settings.heldout`` examples
+    split off the training rows (a seeded shuffle); with it, they are ``settings.heldout``
+    examples of that split (seeded sample; all of them when it is smaller) and every training
+    row trains.
+    """
+    names: Any = (
         tuple(n.strip() for n in settings.label_names.split(",")) if settings.label_names else None
     )
+    evaluation: list[dict[str, Any]] | None = None
     try:
-        if settings.data in BUILTIN_DATASETS:
-            examples: list[dict[str, Any]] = list(load_builtin_dataset(settings.data))
-            names = names or tuple(DEFAULT_LABEL_NAMES.split(","))
-        elif settings.prompt_column is not None:
-            examples = list(
-                load_prompt_completion_file(
-                    settings.data, settings.prompt_column, settings.completion_column
-                )
+        kind = data_kind(settings.data)
+        if kind in ("builtin", "file") and (settings.split or settings.eval_split):
+            flag = "--split" if settings.split else "--eval-split"
+            raise ValueError(
+                f"{flag} applies to data with named splits (a folder saved with datasets, or a "
+                f"hub dataset); {settings.data!r} holds one split"
             )
-            names = None
+        if kind == "builtin":
+            records: list[dict[str, Any]] = list(load_builtin_dataset(settings.data))
+            if settings.prompt_column is None:
+                names = names or tuple(DEFAULT_LABEL_NAMES.split(","))
+        elif kind == "file":
+            records = read_records(settings.data)
         else:
-            examples, names = load_classification_file(
-                settings.data, settings.text_column, settings.label_column, names
+            rows = read_dataset_rows(
+                settings.data, kind, settings.split, settings.eval_split, settings.label_column
             )
+            records, evaluation = rows.train, rows.evaluation
+            names = names or rows.label_names
+        examples, names = _examples(records, settings.data, settings, names)
+        if evaluation is not None:
+            where = f"{settings.data} split {settings.eval_split!r}"
+            evaluation, _ = _examples(evaluation, where, settings, names)
         if names is not None:
             label_words_for(names)  # validates the names
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, MissingAssetError, FileNotFoundError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
-    except (MissingAssetError, FileNotFoundError) as error:
-        raise UsageError(str(error).splitlines()[0]) from None
-    if settings.heldout >= len(examples):
-        raise UsageError(
-            f"--heldout {settings.heldout} leaves no training example out of {len(examples)}"
-        )
-    train, heldout = split_examples(examples, heldout=settings.heldout, seed=settings.seed)
+    if evaluation is not None:
+        order = list(range(len(evaluation)))
+        random.Random(settings.seed).shuffle(order)
+        train, heldout = examples, [evaluation[i] for i in order[: settings.heldout]]
+    else:
+        if settings.heldout >= len(examples):
+            raise UsageError(
+                f"--heldout {settings.heldout} leaves no training example out of {len(examples)}"
+            )
+        train, heldout = split_examples(examples, heldout=settings.heldout, seed=settings.seed)
     limit = getattr(settings, "train_examples", None)  # finetune only
     if limit:
         train = train[:limit]

@@ -125,7 +125,8 @@ def test_missing_files_unknown_models_and_used_outputs_are_usage_errors(
     cases = [
         (["finetune", "--data", str(tmp_path / "missing.csv")], "does not exist"),
         (["finetune", "--model", "gpt-17"], "neither a built-in model"),
-        (["finetune", "--data", "imdb"], "neither a built-in data set"),
+        (["finetune", "--data", str(tmp_path / "notes.txt")], "neither a built-in data set"),
+        (["finetune", "--data", str(tmp_path)], "not a dataset saved with datasets"),
     ]
     used = tmp_path / "used"
     used.mkdir()
@@ -228,7 +229,9 @@ def test_an_output_that_cannot_be_created_stops_before_the_model_loads(
 def test_output_is_checked_once_and_created_before_loading(
     tiny_csv: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from stiefel_peft.cli.arguments import UsageError, check, parse
+    from stiefel_peft.cli.arguments import parse
+    from stiefel_peft.cli.checks import check
+    from stiefel_peft.cli.options import UsageError
 
     regular_file = tmp_path / "taken"
     regular_file.write_text("x")

@@ -85,7 +85,7 @@ def test_read_records_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_records(tmp_path / "absent.csv")
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"\.csv or \.jsonl"):
+    with pytest.raises(ValueError, match=r"\.csv, \.jsonl or \.json"):
         read_records(tmp_path / "d.txt")
     (tmp_path / "d.jsonl").write_text('{"a": 1}\n[1, 2]\n')
     with pytest.raises(ValueError, match=":2 is not a JSON object"):
@@ -93,3 +93,24 @@ def test_read_records_errors(tmp_path: Path) -> None:
     (tmp_path / "e.csv").write_text("text,label\n")
     with pytest.raises(ValueError, match="no rows"):
         read_records(tmp_path / "e.csv")
+
+
+def test_json_files_in_every_layout_read_as_the_same_rows(tmp_path: Path) -> None:
+    rows = [{"text": "fine", "label": "positive"}, {"text": "dull", "label": "negative"}]
+    layouts = {
+        "list.json": json.dumps(rows),
+        "columns.json": json.dumps({"text": ["fine", "dull"], "label": ["positive", "negative"]}),
+        "lines.json": "\n".join(json.dumps(row) for row in rows) + "\n",  # Dataset.to_json
+    }
+    for name, text in layouts.items():
+        (tmp_path / name).write_text(text)
+        assert read_records(tmp_path / name) == rows, name
+    (tmp_path / "ragged.json").write_text(json.dumps({"text": ["a", "b"], "label": ["x"]}))
+    with pytest.raises(ValueError, match="columns of different lengths"):
+        read_records(tmp_path / "ragged.json")
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list of objects"):
+        read_records(tmp_path / "numbers.json")
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_records(tmp_path / "broken.json")
