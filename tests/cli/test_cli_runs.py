@@ -289,3 +289,21 @@ def test_the_report_gives_each_phase_its_peak_memory(
     assert list(phases) == ["load", "evaluate_before", "score", "train", "evaluate_after"]
     assert all(value > 50 for value in phases.values())  # a Python process with torch
     assert memory["overall_peak_rss_mb"] == max(phases.values())
+
+
+def test_quantize_without_bitsandbytes_stops_with_the_install_line(
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
+    )
+    arguments = _arguments(tiny_model_folder, tiny_csv, tmp_path / "q", "--quantize", "nf4")
+    assert main(arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "needs bitsandbytes: pip install" in error, error
+    assert not (tmp_path / "q").exists()  # stopped before anything was written
