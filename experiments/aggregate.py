@@ -37,6 +37,8 @@ METHOD_ORDER = (
     "fora_grad_init",
     "fora_sampled",
     "fora_module",
+    "fora_fisher_rank",
+    "fora_random_half",
 )
 
 
@@ -88,6 +90,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "task": task,
             "method": label,
             "metric": members[0]["metric"],
+            "split": members[0].get("split", "test"),
             "seeds": sorted(m["seed"] for m in members),
             "lr": members[0]["lr"],
             "stiefel_lr": members[0]["stiefel_lr"],
@@ -103,14 +106,16 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The table: metric as mean +- std (over seeds), in points where it is a fraction."""
+    """The table: metric as mean +- std (over seeds), in points where it is a fraction
+    (accuracy, exact match), as is for perplexity."""
     if not rows:
         return "_No results yet._"
     lines = [
-        "| model | task | method | seeds | lr (A / B) | trainable params | before | after | delta | eff. rank | ‖ΔW‖_F | train s | total s |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | task | split | method | seeds | lr (A / B) | trainable params | before | after | delta | eff. rank | ‖ΔW‖_F | train s | total s |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        points = (100.0, 1) if row["metric"] != "perplexity" else (1.0, 2)
 
         def cell(name: str, scale: float = 1.0, digits: int = 1, row: dict = row) -> str:
             mean, std = row[name]
@@ -118,9 +123,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
         lr = f"{row['lr']:g}" + (f" / {row['stiefel_lr']:g}" if row["stiefel_lr"] else "")
         lines.append(
-            f"| {row['model']} | {row['task']} | {row['method']} | {len(row['seeds'])} | {lr} | "
-            f"{row['trainable_parameters']:,} | {cell('before', 100)} | {cell('after', 100)} | "
-            f"{cell('delta', 100)} | {cell('effective_rank_mean')} | "
+            f"| {row['model']} | {row['task']} | {row['split']} | {row['method']} | {len(row['seeds'])} | {lr} | "
+            f"{row['trainable_parameters']:,} | {cell('before', *points)} | {cell('after', *points)} | "
+            f"{cell('delta', *points)} | {cell('effective_rank_mean')} | "
             f"{cell('delta_w_fro_total', digits=3)} | {row['train_seconds']:.0f} | "
             f"{row['total_seconds']:.0f} |"
         )
@@ -142,6 +147,11 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
     ("gradient-informed B vs random B (FoRA)", "fora_grad_init", "fora"),
     ("sampled vs empirical Fisher (FoRA)", "fora_sampled", "fora"),
     ("per-module vs per-block selection (FoRA)", "fora_module", "fora"),
+    ("Fisher-proportional rank vs top half (FoRA)", "fora_fisher_rank", "fora"),
+    ("Fisher top half vs random half (FoRA)", "fora", "fora_random_half"),
+    ("FoRA vs LoRA r=16 all (same parameters)", "fora", "lora_r16_all"),
+    ("FoRA per module vs LoRA r=32 all", "fora_module", "lora_r32_all"),
+    ("FoRA Fisher rank vs LoRA r=32 all", "fora_fisher_rank", "lora_r32_all"),
 )
 INTERACTION = ("fora", "lora_r32_fisher_top", "stiefel_b_all", "lora_r32_all")
 
@@ -153,7 +163,11 @@ def paired(
     as the mean and std over seeds of the per-seed difference of ``after``, with the seeds
     where the difference is positive. Comparisons missing a method or a seed are left out."""
     by_key: dict[tuple[str, str], dict[str, dict[int, float]]] = defaultdict(dict)
+    lower_is_better: dict[tuple[str, str], bool] = {}
     for result in results:
+        lower_is_better[(result["model"], result["task"])] = not result.get(
+            "higher_is_better", True
+        )
         methods = by_key[(result["model"], result["task"])]
         methods.setdefault(result["label"], {})[result["seed"]] = float(result["after"])
     rows = []
@@ -182,6 +196,7 @@ def paired(
                 differences.append(value)
             mean, std = _mean_std(differences)
             low, high = interval_95(differences)
+            sign = -1 if lower_is_better[(model, task)] else 1  # "in favour" of the first
             rows.append(
                 {
                     "model": model,
@@ -191,28 +206,32 @@ def paired(
                     "mean": mean,
                     "std": std,
                     "interval_95": [low, high],
-                    "positive": sum(d > 0 for d in differences),
-                    "negative": sum(d < 0 for d in differences),
+                    "metric": "perplexity" if sign < 0 else "fraction",
+                    "positive": sum(sign * d > 0 for d in differences),
+                    "negative": sum(sign * d < 0 for d in differences),
                 }
             )
     return rows
 
 
 def paired_markdown(rows: list[dict[str, Any]]) -> str:
-    """The paired differences in points: mean ± std over seeds, its 95 % t-interval, and the
-    seeds where it is positive / negative (the rest tied)."""
+    """The paired differences (in points for a fraction, as is for perplexity): mean ± std over
+    seeds, its 95 % t-interval, and the seeds in favour of / against the first method (for
+    perplexity a negative difference is in its favour; the rest tied)."""
     if not rows:
         return ""
     lines = [
-        "| model | task | comparison | difference (points) | 95 % interval | seeds + / − / = |",
+        "| model | task | comparison | difference | 95 % interval | seeds for / against / tied |",
         "|---|---|---|---:|---:|---:|",
     ]
     for row in rows:
         low, high = row["interval_95"]
+        scale, digits = (1.0, 3) if row.get("metric") == "perplexity" else (100.0, 1)
         tied = len(row["seeds"]) - row["positive"] - row["negative"]
         lines.append(
             f"| {row['model']} | {row['task']} | {row['comparison']} | "
-            f"{100 * row['mean']:+.1f} ± {100 * row['std']:.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | "
+            f"{scale * row['mean']:+.{digits}f} ± {scale * row['std']:.{digits}f} | "
+            f"[{scale * low:+.{digits}f}, {scale * high:+.{digits}f}] | "
             f"{row['positive']} / {row['negative']} / {tied} |"
         )
     return "\n".join(lines)
@@ -243,7 +262,7 @@ def main(argv: list[str] | None = None) -> str:
     table = markdown(summarise(results))
     comparisons = paired_markdown(paired(results))
     note = (
-        "Metric in points (accuracy or exact match x 100), mean ± std over seeds; "
+        "Metric in points (accuracy or exact match x 100; perplexity as is, lower is better), mean ± std over seeds; "
         "eff. rank of (alpha/r) B A averaged over adapted layers; ‖ΔW‖_F = sqrt(sum over layers of ‖W′ − W‖_F²)."
     )
     text = f"{note}\n\n{table}"

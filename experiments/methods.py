@@ -18,9 +18,12 @@ parameter) and ``"stiefel"`` (lr for A and other parameters, ``stiefel_lr`` for 
 | dora_r32_all | all | peft DoRA | AdamW |
 | fora_grad_init | Fisher top L/2 | init="gradient" (B from dL/dW) | Stiefel B |
 | fora_sampled | sampled-Fisher top L/2 | B orthonormal, A = 0 | Stiefel B |
-| fora_module | per-module Fisher knapsack, <= L/2 budget | B orthonormal | Stiefel B |
+| fora_module | ``top_modules``: layers by Fisher per parameter | B orthonormal | Stiefel B |
+| fora_fisher_rank | ``fisher_rank``: all blocks, rank ~ score | B orthonormal | Stiefel B |
+| fora_random_half | ``random_blocks``: seeded random L/2 | B orthonormal | Stiefel B |
 
-The last three go beyond the paper (``docs/results.md`` says why each might beat FoRA).
+The last four go beyond the paper (``docs/results.md`` says why each might beat FoRA); each is
+a library option (``FoRAConfig.init``, ``.estimator``, ``.selection``), not code of its own here.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from stiefel_peft.fora import (
     FoRAPlan,
     apply_fora,
     fora_optimizer,
-    initialise_adapters,
     inject_adapters,
     plan_fora,
     select_top_blocks,
@@ -151,10 +153,13 @@ def _fora_like(
     estimator: str = "empirical",
     optimizer: str = "stiefel",
     init: str = "orthonormal",
+    selection: str = "top_blocks",
 ):
     def build(model: nn.Module, context: MethodContext):
         start = time.perf_counter()
-        config = context.fora_config(budget=budget, estimator=estimator, init=init)
+        config = context.fora_config(
+            budget=budget, estimator=estimator, init=init, selection=selection
+        )
         adapted = apply_fora(model, calibration=context.calibration, config=config)
         report = adapted.fora_report
         info = {
@@ -163,9 +168,11 @@ def _fora_like(
             "lora_alpha": context.alpha,
             "fora_scoring_seconds": report.scoring_seconds,
             "fora_estimator": report.estimator,
+            "selected_modules": list(report.adapted_modules),
+            "ranks": report.ranks,
             "build_seconds": time.perf_counter() - start,
         }
-        if estimator == "empirical" and budget < 1:
+        if estimator == "empirical" and budget < 1 and selection == "top_blocks":
             # apply_fora scored the same calibration batches itself: it must agree with the
             # runner's cached ranking, which the AdamW-on-selected-blocks methods use.
             plan = _plan(model, context)  # the adapters are inside model now: same blocks
@@ -183,34 +190,6 @@ def _fora_like(
     return build
 
 
-def _fora_module(model: nn.Module, context: MethodContext):
-    """Per-module selection: rank every target layer of every block by its Fisher score per
-    adapter parameter and add greedily while the total stays <= budget x LoRA-on-every-block."""
-    plan = _plan(model, context)
-    cost = {name: plan.parameters(context.r, [name]) for name in plan.features}
-    limit = plan.count / plan.blocks.length * plan.lora_equivalent(context.r)
-    order = sorted(cost, key=lambda name: (-context.fisher.per_module[name] / cost[name], name))
-    chosen, used = [], 0
-    for name in order:
-        if used + cost[name] <= limit:
-            chosen.append(name)
-            used += cost[name]
-    plan = plan.with_modules(chosen)
-    config = context.fora_config()
-    adapted = inject_adapters(model, plan, config)
-    initialise_adapters(adapted, plan, config)
-    info = {
-        "selected_blocks": list(plan.selected_blocks),
-        "selected_modules": list(plan.adapted_modules),
-        "r": context.r,
-        "lora_alpha": context.alpha,
-    }
-    optimizer = fora_optimizer(
-        adapted, lr=context.lr, stiefel_lr=context.stiefel_lr, stiefel_factor="B"
-    )
-    return adapted, optimizer, info
-
-
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
@@ -225,7 +204,9 @@ METHODS: dict[str, Method] = {
         Method("dora_r32_all", "adamw", _lora_on_blocks(_all_blocks, dora=True)),
         Method("fora_grad_init", "stiefel", _fora_like(0.5, init="gradient")),
         Method("fora_sampled", "stiefel", _fora_like(0.5, estimator="sampled")),
-        Method("fora_module", "stiefel", _fora_module),
+        Method("fora_module", "stiefel", _fora_like(0.5, selection="top_modules")),
+        Method("fora_fisher_rank", "stiefel", _fora_like(0.5, selection="fisher_rank")),
+        Method("fora_random_half", "stiefel", _fora_like(0.5, selection="random_blocks")),
     )
 }
 

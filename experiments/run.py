@@ -10,8 +10,9 @@ each claims a run with a ``<result>.lock`` file before training it. Per (model, 
 base model's held-out metric and the Fisher scores of the calibration set are computed once
 and cached under ``<results>/<config>/_cache``.
 All methods of a seed get the same data in the same order, the same steps and schedule: the
-command line's own training loop (``stiefel_peft.cli.training.train``: linear warm-up over
-10 % of the steps, then sqrt decay; gradient clipping at 1.0).
+command line's own training loop (``stiefel_peft.cli.trainer.fit`` on transformers' Trainer:
+length-grouped seeded batches, linear warm-up over 10 % of the steps, then sqrt decay;
+gradient clipping at 1.0).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from experiments.methods import METHODS, MethodContext, build_method
 from experiments.metrics import update_metrics
 from experiments.models import load_base_model
 from experiments.tasks import Task, evaluate, load_task
-from stiefel_peft.cli.training import batches, calibration_batches, train
+from stiefel_peft.cli.trainer import TrainingPlan, fit
+from stiefel_peft.cli.training import calibration_batches
 from stiefel_peft.cli.workflow import resolve_device
 from stiefel_peft.fisher import FisherScores, estimate_fisher
 
@@ -55,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "max_grad_norm": 1.0,
     "learning_rates": {"adamw": [2e-4], "stiefel": [[2e-4, 1e-3]]},
+    "learning_rates_from": None,
+    "evaluate_on": "test",
+    "micro_batch_tokens": None,
 }
 
 
@@ -92,14 +97,53 @@ def load_config(path: Path) -> dict[str, Any]:
     bad = [m for m in config["methods"] if m not in METHODS]
     if bad:
         raise ValueError(f"{path}: unknown methods {bad}; known: {list(METHODS)}")
+    if config["evaluate_on"] not in ("test", "validation"):
+        raise ValueError(f"{path}: evaluate_on must be 'test' or 'validation'")
     for family in {METHODS[m].family for m in config["methods"]}:
-        if not config["learning_rates"].get(family):
+        if not config["learning_rates_from"] and not config["learning_rates"].get(family):
             raise ValueError(f"{path}: learning_rates[{family!r}] needs at least one value")
     return config
 
 
-def plan(config: dict[str, Any]) -> list[RunSpec]:
-    """Every run of the config, grouped by model then task (each loaded once)."""
+def chosen_learning_rates(
+    sweep: str, results: Path
+) -> dict[tuple[str, str, str], tuple[float, float | None]]:
+    """Per (model, task, method): the rates with the best validation metric in the sweep
+    config's results (mean over its seeds; ties: the smaller rate).
+
+    Raises:
+        ValueError: the sweep has no results, or they were not scored on validation.
+    """
+    folder = results / sweep
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    if not records:
+        raise ValueError(f"learning_rates_from {sweep!r}: no results in {folder}")
+    if any(record.get("split") != "validation" for record in records):
+        raise ValueError(f"learning_rates_from {sweep!r}: its runs must be scored on validation")
+    scores: dict[tuple[str, str, str], dict[tuple[float, float | None], list[float]]] = {}
+    for record in records:
+        key = (record["model"], record["task"], record["method"])
+        rates = (record["lr"], record["stiefel_lr"])
+        sign = 1.0 if record.get("higher_is_better", True) else -1.0
+        scores.setdefault(key, {}).setdefault(rates, []).append(sign * record["after"])
+    return {
+        key: max(by_rate, key=lambda r: (sum(by_rate[r]) / len(by_rate[r]), -r[0]))
+        for key, by_rate in scores.items()
+    }
+
+
+def plan(config: dict[str, Any], results: Path = RESULTS) -> list[RunSpec]:
+    """Every run of the config, grouped by model then task (each loaded once). With
+    ``learning_rates_from`` each method runs at the rates its sweep chose on validation.
+
+    Raises:
+        ValueError: a method or (model, task) that the sweep does not cover.
+    """
+    chosen = (
+        chosen_learning_rates(config["learning_rates_from"], results)
+        if config["learning_rates_from"]
+        else None
+    )
     runs = []
     for model in config["models"]:
         for task in config["tasks"]:
@@ -107,6 +151,12 @@ def plan(config: dict[str, Any]) -> list[RunSpec]:
                 for method in config["methods"]:
                     family = METHODS[method].family
                     values = config["learning_rates"][family]
+                    if chosen is not None:
+                        key = (model["name"], task["name"], method)
+                        if key not in chosen:
+                            raise ValueError(f"the sweep chose no rates for {key}")
+                        lr, slr = chosen[key]
+                        values = [[lr, slr]] if family == "stiefel" else [lr]
                     for value in values:
                         lr, stiefel_lr = (
                             (value[0], value[1]) if family == "stiefel" else (value, None)
@@ -162,13 +212,14 @@ class Group:
         self.collate = self.task.collator(self.tokenizer)
         self.device = device
         key = f"{model_entry['name']}__{task_entry['name'].replace(':', '-')}"
-        baseline_path = cache / f"baseline__{key}.json"
+        self.split = config["evaluate_on"]
+        baseline_path = cache / f"baseline__{key}__{self.split}.json"
         if baseline_path.is_file():
             self.baseline = json.loads(baseline_path.read_text())
         else:
             start = time.perf_counter()
             self.baseline = {
-                **evaluate(self.base, self.tokenizer, self.task),
+                **evaluate(self.base, self.tokenizer, self.task, self.split),
                 "seconds": time.perf_counter() - start,
             }
             write_atomic(baseline_path, self.baseline)
@@ -207,15 +258,20 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
     )
     model, optimizer, info = build_method(spec.method, copy.deepcopy(group.base), context)
     built = time.perf_counter()
-    stream = batches(
-        group.task.train, group.collate, config["batch_size"], group.device, spec.seed, shuffle=True
+    plan = TrainingPlan(
+        steps=int(config["steps"]),
+        batch_size=int(config["batch_size"]),
+        micro_batch_tokens=config["micro_batch_tokens"],
+        max_grad_norm=float(config["max_grad_norm"]),
+        seed=spec.seed,
     )
-    torch.manual_seed(spec.seed)  # dropout
-    losses = train(
-        model, optimizer, stream, int(config["steps"]), float(config["max_grad_norm"]), progress
-    )
+    fitted = fit(
+        model, optimizer, group.task.train, group.collate, plan, device=group.device,
+        progress=progress,
+    )  # fmt: skip
+    losses = fitted.losses
     trained = time.perf_counter()
-    after = evaluate(model, group.tokenizer, group.task)
+    after = evaluate(model, group.tokenizer, group.task, group.split)
     evaluated = time.perf_counter()
     update = update_metrics(model)
     metric = group.task.metric
@@ -230,6 +286,8 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         "lr": spec.lr,
         "stiefel_lr": spec.stiefel_lr,
         "metric": metric,
+        "split": group.split,
+        "higher_is_better": group.task.higher_is_better,
         "before": group.baseline[metric],
         "after": after[metric],
         "delta": after[metric] - group.baseline[metric],
@@ -246,7 +304,8 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         "steps": int(config["steps"]),
         "batch_size": config["batch_size"],
         "train_examples": len(group.task.train),
-        "heldout_examples": len(group.task.heldout),
+        "heldout_examples": len(group.task.split(group.split)),
+        "train_examples_used": int(config["steps"]) * int(config["batch_size"]),
         "first_losses": losses[:5],
         "last_losses": losses[-5:],
         "seconds": {
@@ -287,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     if arguments.methods:
         config["methods"] = [m for m in config["methods"] if m in arguments.methods.split(",")]
     output = arguments.results / config["name"]
-    runs = plan(config)
+    runs = plan(config, arguments.results)
     done = {run for run in runs if (output / run.filename()).is_file()}
     if arguments.dry_run:
         for run in runs:

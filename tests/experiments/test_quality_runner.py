@@ -254,6 +254,8 @@ def test_trainable_parameters_of_every_method(tiny_setting) -> None:
         "dora_r32_all": LORA_R32_ALL + dora_magnitudes,
         "fora_grad_init": half,
         "fora_sampled": half,
+        "fora_random_half": half,
+        "fora_fisher_rank": half,  # ranks in proportion, summing to K r on equal-shape blocks
     }
     assert set(expected) | {"fora_module"} == set(METHODS)
     for name, count in expected.items():

@@ -1,0 +1,148 @@
+"""The second-round protocol: choices on a validation split, the test split read only with the
+chosen rates, and the language-modelling task on the convention speeches."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import run
+from experiments.models import tiny_llama, word_tokenizer
+from experiments.tasks import evaluate, load_task, speech_chunks
+
+TINY = {"name": "tiny-llama", "source": "tiny_llama", "options": {"seed": 0}}
+SENTIMENT = {"name": "synthetic_sentiment", "size": 96, "heldout": 16, "validation": 12}
+COMMON = {
+    "models": [TINY],
+    "tasks": [SENTIMENT],
+    "methods": ["lora_r32_all", "fora"],
+    "steps": 2,
+    "batch_size": 4,
+    "calibration_examples": 8,
+    "calibration_batch_size": 4,
+    "max_length": 48,
+}
+
+
+def _write(folder: Path, name: str, config: dict) -> Path:
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_validation_split_is_disjoint_from_test_and_train() -> None:
+    task = load_task(SENTIMENT, word_tokenizer(), split_seed=0, max_length=48)
+    assert len(task.split("validation")) == 12 and len(task.split("test")) == 16
+    assert len(task.train) == 96 - 16 - 12
+    keys = [[(e["text"], e["label"]) for e in part] for part in (task.train, task.validation)]
+    test = [(e["text"], e["label"]) for e in task.heldout]
+    assert sorted(keys[0] + keys[1] + test) == sorted(
+        (e["text"], e["label"])
+        for e in load_task({**SENTIMENT, "validation": 0}, word_tokenizer(), 0, 48).train
+        + load_task({**SENTIMENT, "validation": 0}, word_tokenizer(), 0, 48).heldout
+    )  # a partition: nothing lost, nothing shared
+    plain = load_task({**SENTIMENT, "validation": 0}, word_tokenizer(), 0, 48)
+    assert plain.heldout == task.heldout  # asking for validation leaves the test split alone
+    with pytest.raises(ValueError, match='set "validation"'):
+        plain.split("validation")
+
+
+def test_a_sweep_on_validation_chooses_the_rates_that_the_test_config_runs(tmp_path: Path) -> None:
+    sweep = _write(tmp_path, "sweep", {
+        **COMMON, "evaluate_on": "validation",
+        "learning_rates": {"adamw": [1e-3, 3e-2], "stiefel": [[1e-3, 1e-3], [3e-2, 3e-2]]},
+    })  # fmt: skip
+    results = tmp_path / "results"
+    counts = run.main([str(sweep), "--device", "cpu", "--results", str(results), "--quiet"])
+    assert counts["trained"] == 4
+    records = [json.loads(p.read_text()) for p in (results / "sweep").glob("*.json")]
+    assert {r["split"] for r in records} == {"validation"}
+    assert {r["heldout_examples"] for r in records} == {12}
+    chosen = run.chosen_learning_rates("sweep", results)
+    for method in ("lora_r32_all", "fora"):
+        mine = [r for r in records if r["method"] == method]
+        best = max(mine, key=lambda r: (r["after"], -r["lr"]))
+        assert chosen[("tiny-llama", "synthetic_sentiment", method)] == (
+            best["lr"], best["stiefel_lr"]
+        )  # fmt: skip
+
+    final = _write(tmp_path, "final", {
+        **COMMON, "seeds": [0, 1], "learning_rates_from": "sweep", "evaluate_on": "test",
+    })  # fmt: skip
+    runs = run.plan(run.load_config(final), results)
+    assert len(runs) == 4 and all("-lr" not in r.label for r in runs)
+    for spec in runs:
+        assert (spec.lr, spec.stiefel_lr) == chosen[(spec.model, spec.task, spec.method)]
+
+    for record_path in (results / "sweep").glob("*.json"):  # a sweep scored on test is refused
+        record = json.loads(record_path.read_text())
+        record_path.write_text(json.dumps({**record, "split": "test"}))
+        break
+    with pytest.raises(ValueError, match="must be scored on validation"):
+        run.plan(run.load_config(final), results)
+    with pytest.raises(ValueError, match="no results"):
+        run.chosen_learning_rates("missing", results)
+
+
+def test_lower_is_better_metrics_choose_the_lowest(tmp_path: Path) -> None:
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    for index, (lr, value) in enumerate([(1e-3, 9.0), (2e-3, 7.5), (4e-3, 8.0)]):
+        record = {"model": "m", "task": "t", "method": "fora", "lr": lr, "stiefel_lr": lr,
+                  "after": value, "split": "validation", "higher_is_better": False}  # fmt: skip
+        (folder / f"r{index}.json").write_text(json.dumps(record))
+    assert run.chosen_learning_rates("sweep", tmp_path) == {("m", "t", "fora"): (2e-3, 2e-3)}
+
+
+def test_speech_chunks_respect_the_token_budget_and_keep_every_word() -> None:
+    tokenizer = word_tokenizer(("<pad>", "<unk>", "</s>", "a", "b", "c", "d"))
+    speech = "a b c d a b\nc d\n" + " ".join(["a"] * 25) + "\nb c"
+    chunks = speech_chunks([speech], tokenizer, chunk_tokens=8)
+    assert all(len(tokenizer.encode(c["completion"])) <= 8 for c in chunks)
+    assert all(c["prompt"] == "" for c in chunks)
+    assert " ".join(c["completion"] for c in chunks).split() == speech.split()
+
+
+def test_convention_speeches_split_by_speech_and_score_perplexity() -> None:
+    tokenizer = word_tokenizer()
+    entry = {"name": "convention_speeches", "test_speeches": 5, "validation_speeches": 5,
+             "chunk_tokens": 32, "train_examples": 40}  # fmt: skip
+    task = load_task(entry, tokenizer, split_seed=0, max_length=48)
+    assert task.metric == "perplexity" and not task.higher_is_better
+    assert task.info["speeches"] == 189 and len(task.train) == 40
+    test = {c["completion"] for c in task.heldout}
+    validation = {c["completion"] for c in task.validation}
+    assert test and validation
+    assert all(len(c.split()) < 8 for c in test & validation)  # only stage directions
+    torch.manual_seed(0)
+    model = tiny_llama(tokenizer, seed=0)
+    task.heldout = task.heldout[:8]
+    result = evaluate(model, tokenizer, task, "test")
+    assert result["tokens"] > 0 and result["perplexity"] > 1.0
+    assert math.isclose(result["perplexity"], math.exp(result["nll"]), rel_tol=1e-9)
+
+
+def test_paired_perplexity_counts_a_lower_value_in_favour() -> None:
+    from experiments import aggregate
+
+    records = [
+        {
+            "model": "m",
+            "task": "lm",
+            "label": label,
+            "seed": seed,
+            "after": value,
+            "higher_is_better": False,
+        }  # fmt: skip
+        for seed, (fora, random_half) in enumerate([(7.0, 7.3), (7.1, 7.2), (7.4, 7.3)])
+        for label, value in (("fora", fora), ("fora_random_half", random_half))
+    ]
+    (row,) = [r for r in aggregate.paired(records) if r["comparison"].startswith("Fisher top")]
+    assert row["positive"] == 2 and row["negative"] == 1
+    assert abs(row["mean"] - (-0.3 - 0.1 + 0.1) / 3) < 1e-12
+    text = aggregate.paired_markdown([row])
+    assert "-0.100" in text and "2 / 1 / 0" in text
