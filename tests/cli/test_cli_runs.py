@@ -307,3 +307,23 @@ def test_quantize_without_bitsandbytes_stops_with_the_install_line(
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "needs bitsandbytes: pip install" in error, error
     assert not (tmp_path / "q").exists()  # stopped before anything was written
+
+
+def test_quantize_nf4_trains_through_the_trainer_with_finite_losses_and_orthonormal_b(
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "q"
+    assert (
+        main(_arguments(tiny_model_folder, tiny_csv, run, "--quantize", "nf4", "--steps", "3")) == 0
+    )
+    assert json.loads((run / "run_config.json").read_text())["quantize"] == "nf4"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    losses = [record["loss"] for record in records if "loss" in record]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    weights = load_file(run / "adapter_model.safetensors")
+    frames = [value for key, value in weights.items() if "lora_B" in key]
+    assert frames
+    for frame in frames:
+        gram = frame.double().mT @ frame.double()
+        assert torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype)) < 1e-5
