@@ -106,20 +106,23 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def chosen_learning_rates(
-    sweep: str, results: Path
+    sweep: str | list[str], results: Path
 ) -> dict[tuple[str, str, str], tuple[float, float | None]]:
     """Per (model, task, method): the rates with the best validation metric in the sweep
-    config's results (mean over its seeds; ties: the smaller rate).
+    configs' results (one config's name or a list of them, e.g. a sweep and a re-run of its
+    rates on more seeds; mean over all their seeds per rate; ties: the smaller rate).
 
     Raises:
-        ValueError: the sweep has no results, or they were not scored on validation.
+        ValueError: a sweep has no results, or they were not scored on validation.
     """
-    folder = results / sweep
-    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    if not records:
-        raise ValueError(f"learning_rates_from {sweep!r}: no results in {folder}")
-    if any(record.get("split") != "validation" for record in records):
-        raise ValueError(f"learning_rates_from {sweep!r}: its runs must be scored on validation")
+    records: list[dict[str, Any]] = []
+    for name in [sweep] if isinstance(sweep, str) else sweep:
+        found = [json.loads(p.read_text()) for p in sorted((results / name).glob("*.json"))]
+        if not found:
+            raise ValueError(f"learning_rates_from {name!r}: no results in {results / name}")
+        if any(record.get("split") != "validation" for record in found):
+            raise ValueError(f"learning_rates_from {name!r}: its runs must be scored on validation")
+        records += found
     scores: dict[tuple[str, str, str], dict[tuple[float, float | None], list[float]]] = {}
     for record in records:
         key = (record["model"], record["task"], record["method"])

@@ -98,6 +98,24 @@ def test_lower_is_better_metrics_choose_the_lowest(tmp_path: Path) -> None:
     assert run.chosen_learning_rates("sweep", tmp_path) == {("m", "t", "fora"): (2e-3, 2e-3)}
 
 
+def test_a_list_of_sweeps_pools_their_seeds_per_rate(tmp_path: Path) -> None:
+    def write(folder: str, seed: int, lr: float, value: float) -> None:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        record = {"model": "m", "task": "t", "method": "fora", "lr": lr, "stiefel_lr": lr,
+                  "after": value, "split": "validation", "seed": seed}  # fmt: skip
+        (tmp_path / folder / f"{lr}-{seed}.json").write_text(json.dumps(record))
+
+    write("sweep", 0, 1e-3, 0.80)
+    write("sweep", 0, 2e-3, 0.82)  # seed 0 alone chooses 2e-3 ...
+    write("seeds", 1, 1e-3, 0.81)
+    write("seeds", 1, 2e-3, 0.60)  # ... which collapses on seed 1
+    assert run.chosen_learning_rates("sweep", tmp_path)[("m", "t", "fora")] == (2e-3, 2e-3)
+    pooled = run.chosen_learning_rates(["sweep", "seeds"], tmp_path)
+    assert pooled == {("m", "t", "fora"): (1e-3, 1e-3)}  # mean 0.805 against 0.71
+    with pytest.raises(ValueError, match="'missing': no results"):
+        run.chosen_learning_rates(["sweep", "missing"], tmp_path)
+
+
 def test_speech_chunks_respect_the_token_budget_and_keep_every_word() -> None:
     tokenizer = word_tokenizer(("<pad>", "<unk>", "</s>", "a", "b", "c", "d"))
     speech = "a b c d a b\nc d\n" + " ".join(["a"] * 25) + "\nb c"
