@@ -90,10 +90,11 @@ def main() -> None:
             save_strategy="no",
             disable_tqdm=True,
         )  # fmt: skip
-        lr = 1e-2 if arguments.fast else 2e-3
+        # --fast: a tiny model, few steps, a larger rate; otherwise the library's validated defaults
+        rates = {"lr": 1e-2, "stiefel_lr": 1e-2} if arguments.fast else {}
         trainer = transformers.Trainer(
             model=model, args=args, train_dataset=rows, data_collator=pad_collator,
-            optimizers=(fora_optimizer(model, lr=lr, stiefel_lr=lr), None),
+            optimizers=(fora_optimizer(model, **rates), None),
         )  # fmt: skip
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -50,12 +50,22 @@ def _order(key: tuple[str, str, str]) -> tuple[str, str, int, str]:
 
 
 def read_results(folders: list[Path]) -> list[dict[str, Any]]:
-    """Every result JSON directly in ``folders`` (the ``_cache`` folder is not read)."""
-    return [
-        json.loads(path.read_text())
-        for folder in folders
-        for path in sorted(Path(folder).glob("*.json"))
+    """Every result JSON directly in ``folders`` (the ``_cache`` folder is not read); an entry
+    that is a JSON file is read itself (to pair one config's runs with another's)."""
+    paths = [
+        path
+        for entry in map(Path, folders)
+        for path in ([entry] if entry.is_file() else sorted(entry.glob("*.json")))
     ]
+    records, seen = [], {}
+    for path in paths:
+        record = json.loads(path.read_text())
+        key = tuple(record.get(k) for k in ("model", "task", "label", "seed"))
+        if key in seen:  # two configs' runs of one label would be averaged as one method
+            raise ValueError(f"{path} and {seen[key]} are both {key}: aggregate them apart")
+        seen[key] = path
+        records.append(record)
+    return records
 
 
 # two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond
@@ -254,7 +264,9 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("folders", type=Path, nargs="+", help="result folders (results/<config>)")
+    parser.add_argument(
+        "folders", type=Path, nargs="+", help="result folders (results/<config>) or result files"
+    )
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     arguments = parser.parse_args(argv)

@@ -293,3 +293,18 @@ def test_reasoning_gym_task_scores_exact_match() -> None:
     assert example["completion"] == f" {example['entry']['answer']}</s>"
     assert _score(task, example["entry"]["answer"], example) == 1.0
     assert _score(task, example["entry"]["answer"] + "1", example) < 1.0
+
+
+def test_aggregate_reads_single_files_and_refuses_a_run_twice(tmp_path: Path) -> None:
+    record = {"model": "m", "task": "t", "label": "fora", "seed": 0, "after": 0.8}
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "m__t__fora__seed0.json").write_text(json.dumps(record))
+    (tmp_path / "first" / "m__t__lora__seed0.json").write_text(
+        json.dumps({**record, "label": "lora", "after": 0.7})
+    )
+    lora_file = tmp_path / "first" / "m__t__lora__seed0.json"
+    records = aggregate.read_results([tmp_path / "second", lora_file])
+    assert sorted(r["label"] for r in records) == ["fora", "lora"]
+    with pytest.raises(ValueError, match="aggregate them apart"):
+        aggregate.read_results([tmp_path / "first", tmp_path / "second"])
