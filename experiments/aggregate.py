@@ -57,7 +57,8 @@ def read_results(folders: list[Path]) -> list[dict[str, Any]]:
         for entry in map(Path, folders)
         for path in ([entry] if entry.is_file() else sorted(entry.glob("*.json")))
     ]
-    records, seen = [], {}
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, ...], Path] = {}
     for path in paths:
         record = json.loads(path.read_text())
         key = tuple(record.get(k) for k in ("model", "task", "label", "seed"))

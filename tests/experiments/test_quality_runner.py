@@ -300,10 +300,8 @@ def test_aggregate_reads_single_files_and_refuses_a_run_twice(tmp_path: Path) ->
     for folder in ("first", "second"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "m__t__fora__seed0.json").write_text(json.dumps(record))
-    (tmp_path / "first" / "m__t__lora__seed0.json").write_text(
-        json.dumps({**record, "label": "lora", "after": 0.7})
-    )
     lora_file = tmp_path / "first" / "m__t__lora__seed0.json"
+    lora_file.write_text(json.dumps({**record, "label": "lora", "after": 0.7}))
     records = aggregate.read_results([tmp_path / "second", lora_file])
     assert sorted(r["label"] for r in records) == ["fora", "lora"]
     with pytest.raises(ValueError, match="aggregate them apart"):
