@@ -165,7 +165,9 @@ def plan(config: dict[str, Any], results: Path = RESULTS) -> list[RunSpec]:
                             (value[0], value[1]) if family == "stiefel" else (value, None)
                         )
                         label = method
-                        if len(values) > 1:
+                        # a validation run is a rate choice: its label always names its rates,
+                        # so a one-rate grid extension lines up with the sweep it extends
+                        if len(values) > 1 or config["evaluate_on"] == "validation":
                             label += f"-lr{lr:g}" + (f"-slr{stiefel_lr:g}" if stiefel_lr else "")
                         runs.append(
                             RunSpec(

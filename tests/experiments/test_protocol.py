@@ -88,6 +88,16 @@ def test_a_sweep_on_validation_chooses_the_rates_that_the_test_config_runs(tmp_p
         run.chosen_learning_rates("missing", results)
 
 
+def test_a_validation_run_always_names_its_rates(tmp_path: Path) -> None:
+    one_rate = {**COMMON, "learning_rates": {"adamw": [1e-3], "stiefel": [[5e-4, 5e-4]]}}
+    extension = _write(tmp_path, "extension", {**one_rate, "evaluate_on": "validation"})
+    labels = {r.method: r.label for r in run.plan(run.load_config(extension), tmp_path)}
+    assert labels == {"lora_r32_all": "lora_r32_all-lr0.001", "fora": "fora-lr0.0005-slr0.0005"}
+    final = _write(tmp_path, "final", {**one_rate, "evaluate_on": "test"})
+    labels = {r.method: r.label for r in run.plan(run.load_config(final), tmp_path)}
+    assert labels == {"lora_r32_all": "lora_r32_all", "fora": "fora"}  # a test row: the method
+
+
 def test_lower_is_better_metrics_choose_the_lowest(tmp_path: Path) -> None:
     folder = tmp_path / "sweep"
     folder.mkdir()
