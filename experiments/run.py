@@ -97,8 +97,8 @@ def load_config(path: Path) -> dict[str, Any]:
     bad = [m for m in config["methods"] if m not in METHODS]
     if bad:
         raise ValueError(f"{path}: unknown methods {bad}; known: {list(METHODS)}")
-    if config["evaluate_on"] not in ("test", "validation"):
-        raise ValueError(f"{path}: evaluate_on must be 'test' or 'validation'")
+    if config["evaluate_on"] not in ("test", "validation", "fresh_test"):
+        raise ValueError(f"{path}: evaluate_on must be 'test', 'validation' or 'fresh_test'")
     for family in {METHODS[m].family for m in config["methods"]}:
         if not config["learning_rates_from"] and not config["learning_rates"].get(family):
             raise ValueError(f"{path}: learning_rates[{family!r}] needs at least one value")

@@ -21,6 +21,10 @@ The test split (``heldout``) is fixed by ``split_seed`` (the same for every seed
 so "before" is one number per (model, task, split). With ``"validation": N`` a second split of
 N examples is taken from the training examples (disjoint from both): every choice (learning
 rates, variants, steps) is made on it, and the test split is read only for the final tables.
+With ``"fresh_test": N`` a third split of N examples is taken from what training keeps after
+that (seed ``split_seed + 2``, disjoint from test, validation and training): a test split that
+no earlier run read, for re-testing a choice made after a test result (``"evaluate_on":
+"fresh_test"``). The language-modelling task has no fresh split (its speeches are too few).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class Task:
     scorer: Any = None  # a reasoning_gym dataset (score_answer) or None for string equality
     info: dict[str, Any] = field(default_factory=dict)
     validation: list[dict[str, Any]] = field(default_factory=list)
+    fresh_test: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def metric(self) -> str:
@@ -85,16 +90,22 @@ class Task:
         return self.metric != "perplexity"
 
     def split(self, name: str) -> list[dict[str, Any]]:
-        """The examples of split ``"test"`` or ``"validation"``.
+        """The examples of split ``"test"``, ``"validation"`` or ``"fresh_test"``.
 
         Raises:
-            ValueError: another name, or a validation split the config did not ask for.
+            ValueError: another name, or a validation or fresh test split the config did not
+                ask for.
         """
         if name == "test":
             return self.heldout
         if name == "validation" and self.validation:
             return self.validation
-        raise ValueError(f'task {self.name!r} has no split {name!r} (set "validation": N)')
+        if name == "fresh_test" and self.fresh_test:
+            return self.fresh_test
+        raise ValueError(
+            f'task {self.name!r} has no split {name!r} (set "validation": N or "fresh_test": N '
+            "in the task entry)"
+        )
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> ExampleCollator:
         return ExampleCollator(tokenizer, self.label_words, self.template, self.max_length)
@@ -195,6 +206,11 @@ def load_task(
             max_length,
         )
     elif name == "convention_speeches":
+        if entry.get("fresh_test"):
+            raise ValueError(
+                'convention_speeches has no "fresh_test" split (189 speeches leave too few to '
+                "train on); remove the key"
+            )
         speeches = [item["text"] for item in load_convention_speeches()]
         order = list(range(len(speeches)))
         random.Random(split_seed).shuffle(order)
@@ -261,6 +277,9 @@ def load_task(
     validation = int(entry.get("validation", 0))
     if validation:
         task.train, task.validation = split_examples(task.train, validation, split_seed + 1)
+    fresh_test = int(entry.get("fresh_test", 0))
+    if fresh_test:
+        task.train, task.fresh_test = split_examples(task.train, fresh_test, split_seed + 2)
     if train_examples is not None:
         task.train = task.train[: int(train_examples)]
     return task

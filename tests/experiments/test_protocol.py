@@ -51,6 +51,32 @@ def test_validation_split_is_disjoint_from_test_and_train() -> None:
         plain.split("validation")
 
 
+def test_a_fresh_test_split_is_disjoint_and_leaves_test_and_validation_alone() -> None:
+    fresh = load_task({**SENTIMENT, "fresh_test": 10}, word_tokenizer(), 0, 48)
+    plain = load_task(SENTIMENT, word_tokenizer(), 0, 48)
+    assert fresh.heldout == plain.heldout and fresh.validation == plain.validation
+    assert len(fresh.split("fresh_test")) == 10 and len(fresh.train) == len(plain.train) - 10
+    key = lambda part: [(e["text"], e["label"]) for e in part]  # noqa: E731
+    assert sorted(key(fresh.train) + key(fresh.fresh_test)) == sorted(key(plain.train))
+    with pytest.raises(ValueError, match='"fresh_test": N'):
+        plain.split("fresh_test")
+    with pytest.raises(ValueError, match='no "fresh_test" split'):
+        load_task({"name": "convention_speeches", "fresh_test": 5}, word_tokenizer(), 0, 48)
+
+
+def test_a_fresh_test_config_reads_only_the_fresh_split(tmp_path: Path) -> None:
+    config = _write(tmp_path, "fresh", {
+        **COMMON, "tasks": [{**SENTIMENT, "fresh_test": 10}], "methods": ["fora"],
+        "evaluate_on": "fresh_test", "learning_rates": {"stiefel": [[1e-3, 1e-3]]},
+    })  # fmt: skip
+    results = tmp_path / "results"
+    run.main([str(config), "--device", "cpu", "--results", str(results), "--quiet"])
+    (record,) = [json.loads(p.read_text()) for p in (results / "fresh").glob("*.json")]
+    assert record["split"] == "fresh_test" and record["heldout_examples"] == 10
+    with pytest.raises(ValueError, match="'fresh_test'"):
+        run.load_config(_write(tmp_path, "bad", {**COMMON, "evaluate_on": "retest"}))
+
+
 def test_a_sweep_on_validation_chooses_the_rates_that_the_test_config_runs(tmp_path: Path) -> None:
     sweep = _write(tmp_path, "sweep", {
         **COMMON, "evaluate_on": "validation",
