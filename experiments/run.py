@@ -34,7 +34,7 @@ from experiments.locks import claim, release
 from experiments.methods import METHODS, MethodContext, build_method
 from experiments.metrics import update_metrics
 from experiments.models import load_base_model
-from experiments.tasks import Task, evaluate, load_task
+from experiments.tasks import SPLITS, Task, evaluate, load_task
 from stiefel_peft.cli.trainer import TrainingPlan, fit
 from stiefel_peft.cli.training import calibration_batches
 from stiefel_peft.cli.workflow import resolve_device
@@ -97,8 +97,8 @@ def load_config(path: Path) -> dict[str, Any]:
     bad = [m for m in config["methods"] if m not in METHODS]
     if bad:
         raise ValueError(f"{path}: unknown methods {bad}; known: {list(METHODS)}")
-    if config["evaluate_on"] not in ("test", "validation", "fresh_test"):
-        raise ValueError(f"{path}: evaluate_on must be 'test', 'validation' or 'fresh_test'")
+    if config["evaluate_on"] not in SPLITS:
+        raise ValueError(f"{path}: evaluate_on must be one of {SPLITS}")
     for family in {METHODS[m].family for m in config["methods"]}:
         if not config["learning_rates_from"] and not config["learning_rates"].get(family):
             raise ValueError(f"{path}: learning_rates[{family!r}] needs at least one value")

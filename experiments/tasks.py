@@ -58,6 +58,10 @@ FILLER = ("the", "a", "movie", "plot", "actor", "film")
 ANIMALS = ("cat", "dog", "red", "blue", "movie", "plot")
 
 
+# the splits a config may evaluate on (``"evaluate_on"``), read by :meth:`Task.split`
+SPLITS = ("test", "validation", "fresh_test")
+
+
 @dataclass
 class Task:
     """Examples split for training and held-out scoring, and how to score them.
