@@ -126,8 +126,11 @@ class FinetuneSettings(DataSettings):
         save_every: write ``<output>/checkpoint-<step>/`` every this many steps.
         eval_every: score the held-out examples every this many steps (``metrics.jsonl``).
         resume: a ``checkpoint-<step>`` folder to continue from.
-        lr: AdamW learning rate of ``lora_A`` (and any other trainable parameter).
+        lr: absolute AdamW learning rate of ``lora_A`` in every layer (None: weight-scaled, see
+            ``relative_lr``); ``FoRAConfig.lr``.
         stiefel_lr: learning rate of the Stiefel factor.
+        relative_lr: ``lora_A``'s rate per unit of the adapted weight's RMS (None with ``lr``
+            None: the library's default); ``FoRAConfig.relative_lr``.
         train_examples: use at most this many training examples.
     """
 
@@ -147,8 +150,9 @@ class FinetuneSettings(DataSettings):
     save_every: int | None = None
     eval_every: int | None = None
     resume: str | None = None
-    lr: float = _LIBRARY.lr
+    lr: float | None = None
     stiefel_lr: float = _LIBRARY.stiefel_lr
+    relative_lr: float | None = None
     train_examples: int | None = None
 
     def fora_config(self) -> FoRAConfig:
@@ -167,6 +171,7 @@ class FinetuneSettings(DataSettings):
             seed=self.seed,
             lr=self.lr,
             stiefel_lr=self.stiefel_lr,
+            relative_lr=self.relative_lr,
         )
 
     def total_steps(self, train_size: int) -> int:

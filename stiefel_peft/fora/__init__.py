@@ -9,6 +9,7 @@ initialise (:func:`initialise_adapters`, a registry of named initialisations). S
 from stiefel_peft.fora.apply import apply_fora
 from stiefel_peft.fora.config import (
     DEFAULT_LR,
+    DEFAULT_RELATIVE_LR,
     DEFAULT_STIEFEL_LR,
     FoRAConfig,
     number_of_selected_blocks,
@@ -26,6 +27,7 @@ from stiefel_peft.fora.optimizer import (
 )
 from stiefel_peft.fora.plan import FoRAPlan, plan_fora, select_top_blocks
 from stiefel_peft.fora.quantized import prepare_quantized
+from stiefel_peft.fora.rates import weight_rms, weight_scaled_rates
 from stiefel_peft.fora.report import REPORT_FILE, FoRAReport
 from stiefel_peft.fora.scoring import score_blocks
 from stiefel_peft.fora.selection import SELECTIONS, register_selection, select
@@ -34,6 +36,7 @@ from stiefel_peft.fora.targets import DEFAULT_TARGET_SCHEMES
 
 __all__ = [
     "DEFAULT_LR",
+    "DEFAULT_RELATIVE_LR",
     "DEFAULT_STIEFEL_LR",
     "DEFAULT_TARGET_SCHEMES",
     "INITIALISATIONS",
@@ -58,4 +61,6 @@ __all__ = [
     "score_blocks",
     "select",
     "select_top_blocks",
+    "weight_rms",
+    "weight_scaled_rates",
 ]

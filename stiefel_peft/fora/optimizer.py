@@ -8,7 +8,14 @@ from typing import Any
 from torch import nn
 
 from stiefel_peft.distributed import ShardedStiefelAdam, is_sharded
-from stiefel_peft.fora.config import DEFAULT_LR, DEFAULT_STIEFEL_LR, STIEFEL_FACTORS, FoRAConfig
+from stiefel_peft.fora.config import (
+    DEFAULT_LR,
+    DEFAULT_RELATIVE_LR,
+    DEFAULT_STIEFEL_LR,
+    STIEFEL_FACTORS,
+    FoRAConfig,
+)
+from stiefel_peft.fora.rates import weight_scaled_rates
 from stiefel_peft.geometry import orthogonality_error
 from stiefel_peft.optim import StiefelAdam
 
@@ -107,6 +114,7 @@ def fora_optimizer(
     lr: float | None = None,
     stiefel_lr: float | None = None,
     *,
+    relative_lr: float | None = None,
     stiefel_factor: str | None = None,
     retraction: str | None = None,
     adapter_name: str | None = None,
@@ -117,28 +125,34 @@ def fora_optimizer(
     """One :class:`~stiefel_peft.optim.StiefelAdam` for one FoRA adapter of ``model``.
 
     Group 1 (``stiefel=True``, ``lr=stiefel_lr``): the adapter's constrained factors.
-    Group 2 (``stiefel=False``, ``lr=lr``, ``weight_decay``): every other trainable parameter
-    that is not another adapter's (the other factor, a classifier head), stepped exactly as
-    ``torch.optim.AdamW``. Other adapters are left untouched. Use it as
-    ``transformers.Trainer(..., optimizers=(fora_optimizer(model), None))``: the Stiefel step
-    then happens once per optimizer step, after gradient accumulation, clipping and unscaling.
-    Parameters are passed with their names, so errors name them.
+    Then, stepped exactly as ``torch.optim.AdamW`` (``stiefel=False``, ``weight_decay``): the
+    free factors (``lora_A`` when ``lora_B`` is constrained), one group per layer at
+    ``relative_lr * RMS(W)`` of the weight it adapts (:mod:`stiefel_peft.fora.rates`), or one
+    group at ``lr`` when the rates are absolute; and every other trainable parameter that is
+    not another adapter's (a classifier head) at ``lr``. Other adapters are left untouched. Use
+    it as ``transformers.Trainer(..., optimizers=(fora_optimizer(model), None))``: the Stiefel
+    step then happens once per optimizer step, after gradient accumulation, clipping and
+    unscaling. Parameters are passed with their names, so errors name them.
 
     Settings come from, in order: the arguments; the adapter's FoRA settings
     (``model.fora_configs[adapter]``, set by ``apply_fora`` or
     :func:`~stiefel_peft.fora.load_fora_adapter`); for an adapter reloaded with peft alone,
     the constrained factor read from its weights (:func:`detect_stiefel_factor`) and the
-    library defaults (:data:`~stiefel_peft.fora.config.DEFAULT_LR`,
-    :data:`~stiefel_peft.fora.config.DEFAULT_STIEFEL_LR`, ``"cayley"``).
+    library defaults (:data:`~stiefel_peft.fora.config.DEFAULT_RELATIVE_LR`,
+    :data:`~stiefel_peft.fora.config.DEFAULT_LR`,
+    :data:`~stiefel_peft.fora.config.DEFAULT_STIEFEL_LR`, ``"cayley"``). An ``lr`` argument
+    without ``relative_lr`` makes every rate absolute, whatever the settings say.
 
     Args:
         model: a ``PeftModel`` (or a DDP wrapper of one).
-        lr: AdamW learning rate of the other trainable parameters.
+        lr: AdamW learning rate of the other trainable parameters, and of the free factors
+            when the rates are absolute.
         stiefel_lr: Stiefel learning rate of the constrained factors.
+        relative_lr: the free factors' rate per unit of weight RMS.
         stiefel_factor: ``"B"`` or ``"A"``.
         retraction: a registered retraction.
         adapter_name: the adapter to train (default: the active one).
-        weight_decay: decoupled weight decay of the AdamW group (the Stiefel group has none:
+        weight_decay: decoupled weight decay of the AdamW groups (the Stiefel group has none:
             the constraint fixes the factor's norm).
         sharded: build a :class:`~stiefel_peft.distributed.ShardedStiefelAdam` (True), a plain
             ``StiefelAdam`` (False), or decide by whether a constrained factor is already a
@@ -148,13 +162,17 @@ def fora_optimizer(
 
     Raises:
         ValueError: the adapter has no trainable constrained factor, or no FoRA settings and
-            no orthonormal factor.
+            no orthonormal factor; a rate is not positive; or a weight has no scale to follow
+            (:func:`~stiefel_peft.fora.rates.weight_rms`).
     """
     adapter = adapter_name if adapter_name is not None else active_adapter(model)
     config = _settings(model, adapter)
     if stiefel_factor is None:
         stiefel_factor = config.stiefel_factor if config else detect_stiefel_factor(model, adapter)
-    lr = lr if lr is not None else (config.lr if config else DEFAULT_LR)
+    if relative_lr is None and lr is None:  # no rate given here: the settings decide
+        relative_lr = config.relative_lr if config else DEFAULT_RELATIVE_LR
+    if lr is None:
+        lr = config.lr if config is not None and config.lr is not None else DEFAULT_LR
     stiefel_lr = (
         stiefel_lr
         if stiefel_lr is not None
@@ -169,11 +187,17 @@ def fora_optimizer(
             "matching your adapter, or reload it with is_trainable=True"
         )
     constrained_ids = {id(parameter) for _, parameter in constrained}
+    free_rates = (
+        weight_scaled_rates(model, "A" if stiefel_factor == "B" else "B", adapter, relative_lr)
+        if relative_lr is not None
+        else {}
+    )
     others = [
         (name, parameter)
         for name, parameter in model.named_parameters()
         if parameter.requires_grad
         and id(parameter) not in constrained_ids
+        and name not in free_rates
         and _adapter_of(name) in (None, adapter)
     ]
     groups: list[dict[str, Any]] = [
@@ -185,6 +209,12 @@ def fora_optimizer(
             "weight_decay": 0.0,
         }
     ]
+    parameters = dict(model.named_parameters())
+    for name, rate in free_rates.items():  # one group per layer: its own rate
+        groups.append({
+            "params": [parameters[name]], "param_names": [name],
+            "stiefel": False, "lr": rate, "weight_decay": weight_decay,
+        })  # fmt: skip
     if others:
         groups.append({
             "params": [p for _, p in others], "param_names": [n for n, _ in others],

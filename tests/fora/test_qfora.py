@@ -18,6 +18,7 @@ from stiefel_peft.fora import (
     constrained_parameters,
     fora_optimizer,
     prepare_quantized,
+    weight_rms,
 )
 from stiefel_peft.geometry import orthogonality_error
 from tests.tiny_models import tiny_model_case
@@ -123,3 +124,17 @@ def test_taylor_refuses_the_packed_4bit_weights(base_folder: Path) -> None:
     case = tiny_model_case("llama")
     with pytest.raises(ValueError, match="packed or quantized.*'empirical'"):
         estimate_fisher(_four_bit(base_folder), [case.make_batch(2, 6, 0)], "taylor")
+
+
+def test_weight_scaled_rates_read_the_dequantized_4bit_weight(base_folder: Path) -> None:
+    dense = transformers.AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    model = apply_fora(_four_bit(base_folder), 1.0, r=RANK, lora_dropout=0.0)
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "get_base_layer")}
+    dense_layers = dict(dense.named_modules())
+    for name, layer in layers.items():
+        assert isinstance(layer.get_base_layer(), bitsandbytes.nn.Linear4bit)
+        original = dense_layers[name.removeprefix("base_model.model.")].weight.double()
+        # NF4 keeps each weight within its block's quantization step: the RMS within a few %.
+        assert weight_rms(layer) == pytest.approx(float(original.pow(2).mean().sqrt()), rel=0.05)
+    _, *free = fora_optimizer(model).param_groups
+    assert len(free) == len(layers) and all(group["lr"] > 0 for group in free)
