@@ -105,6 +105,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seeds": sorted(m["seed"] for m in members),
             "lr": members[0]["lr"],
             "stiefel_lr": members[0]["stiefel_lr"],
+            "relative_lr": members[0].get("relative_lr"),
             "trainable_parameters": members[0]["trainable_parameters"],
             "steps": members[0]["steps"],
             "train_seconds": statistics.fmean(m["seconds"]["train"] for m in members),
@@ -132,7 +133,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             mean, std = row[name]
             return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
-        lr = f"{row['lr']:g}" + (f" / {row['stiefel_lr']:g}" if row["stiefel_lr"] else "")
+        a_rate = f"{row['lr']:g}" if row["lr"] is not None else f"{row['relative_lr']:g} x RMS(W)"
+        lr = a_rate + (f" / {row['stiefel_lr']:g}" if row["stiefel_lr"] else "")
         lines.append(
             f"| {row['model']} | {row['task']} | {row['split']} | {row['method']} | {len(row['seeds'])} | {lr} | "
             f"{row['trainable_parameters']:,} | {cell('before', *points)} | {cell('after', *points)} | "

@@ -3,7 +3,8 @@
 All methods adapt the same target layers (default q, k, v, up, down) with r = 32, alpha = 64
 (scaling 2), dropout 0.05 unless the method says otherwise, and see the same data in the same
 order (the runner's job). Two learning-rate families: ``"adamw"`` (one lr for every trainable
-parameter) and ``"stiefel"`` (lr for A and other parameters, ``stiefel_lr`` for B).
+parameter) and ``"stiefel"`` (lr for A and other parameters, ``stiefel_lr`` for B; or, with
+``relative_lr``, A's rate ``relative_lr * RMS(W)`` per layer, ``FoRAConfig.relative_lr``).
 
 | method | blocks | init | optimiser |
 |---|---|---|---|
@@ -59,13 +60,15 @@ class MethodContext:
     calibration: list[dict[str, torch.Tensor]]
     fisher: FisherScores  # empirical Fisher of the base model on ``calibration``
     seed: int
-    lr: float
+    lr: float | None
     stiefel_lr: float | None = None
+    relative_lr: float | None = None
     r: int = 32
     alpha: float = 64.0
     dropout: float = 0.05
     targets: tuple[str, ...] | None = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
     budget: float = 0.5
+    modules_to_save: tuple[str, ...] | None = None  # trained in full: a new classifier head
 
     def fora_config(self, **overrides: Any) -> FoRAConfig:
         settings = dict(
@@ -79,6 +82,8 @@ class MethodContext:
             seed=self.seed,
             lr=self.lr,
             stiefel_lr=self.stiefel_lr or FoRAConfig().stiefel_lr,
+            relative_lr=self.relative_lr,
+            modules_to_save=self.modules_to_save,
         )
         settings.update(overrides)
         return FoRAConfig(**settings)
@@ -180,11 +185,22 @@ def _fora_like(
                 plan, context
             )
         if optimizer == "stiefel":
-            return (
+            stiefel = fora_optimizer(
                 adapted,
-                fora_optimizer(adapted, lr=context.lr, stiefel_lr=context.stiefel_lr),
-                info,
+                lr=context.lr,
+                stiefel_lr=context.stiefel_lr,
+                relative_lr=context.relative_lr,
             )
+            if context.relative_lr is not None:  # the rates the weights gave each layer's A
+                rates = [
+                    group["lr"]
+                    for group in stiefel.param_groups[1:]
+                    if all(".lora_" in name for name in group["param_names"])
+                ]  # not the group of a classifier head
+                info["free_factor_lr"] = {
+                    "min": min(rates), "mean": sum(rates) / len(rates), "max": max(rates),
+                }  # fmt: skip
+            return adapted, stiefel, info
         return adapted, _adamw(adapted, context.lr), info
 
     return build

@@ -23,164 +23,23 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from experiments.classifier import head_modules, task_for_model
 from experiments.locks import claim, release
-from experiments.methods import METHODS, MethodContext, build_method
+from experiments.methods import MethodContext, build_method
 from experiments.metrics import update_metrics
 from experiments.models import load_base_model
-from experiments.tasks import SPLITS, Task, evaluate, load_task
+from experiments.protocol import RESULTS, RunSpec, load_config, plan
+from experiments.tasks import Task, evaluate, load_task
 from stiefel_peft.cli.trainer import TrainingPlan, fit
 from stiefel_peft.cli.training import calibration_batches
 from stiefel_peft.cli.workflow import resolve_device
 from stiefel_peft.fisher import FisherScores, estimate_fisher
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-DEFAULTS: dict[str, Any] = {
-    "seeds": [0],
-    "steps": 100,
-    "batch_size": 16,
-    "calibration_examples": 128,
-    "calibration_batch_size": 8,
-    "r": 32,
-    "alpha": 64.0,
-    "dropout": 0.05,
-    "targets": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
-    "max_length": 128,
-    "split_seed": 0,
-    "dtype": "float32",
-    "max_grad_norm": 1.0,
-    "learning_rates": {"adamw": [2e-4], "stiefel": [[2e-4, 1e-3]]},
-    "learning_rates_from": None,
-    "evaluate_on": "test",
-    "micro_batch_tokens": None,
-}
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    model: str
-    task: str
-    method: str
-    seed: int
-    lr: float
-    stiefel_lr: float | None
-    label: str  # method name, with an lr suffix when the family's lr is swept
-
-    def filename(self) -> str:
-        task = self.task.replace(":", "-")
-        return f"{self.model}__{task}__{self.label}__seed{self.seed}.json"
-
-
-def load_config(path: Path) -> dict[str, Any]:
-    """The config with defaults filled in; ``name`` defaults to the file's stem.
-
-    Raises:
-        ValueError: an unknown key, method, or a learning-rate family without values.
-    """
-    raw = json.loads(Path(path).read_text())
-    known = set(DEFAULTS) | {"name", "models", "tasks", "methods", "description"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown}; known keys: {sorted(known)}")
-    config = {**copy.deepcopy(DEFAULTS), **raw}
-    config.setdefault("name", Path(path).stem)
-    for key in ("models", "tasks", "methods"):
-        if not config.get(key):
-            raise ValueError(f"{path}: `{key}` must be a non-empty list")
-    bad = [m for m in config["methods"] if m not in METHODS]
-    if bad:
-        raise ValueError(f"{path}: unknown methods {bad}; known: {list(METHODS)}")
-    if config["evaluate_on"] not in SPLITS:
-        raise ValueError(f"{path}: evaluate_on must be one of {SPLITS}")
-    for family in {METHODS[m].family for m in config["methods"]}:
-        if not config["learning_rates_from"] and not config["learning_rates"].get(family):
-            raise ValueError(f"{path}: learning_rates[{family!r}] needs at least one value")
-    return config
-
-
-def chosen_learning_rates(
-    sweep: str | list[str], results: Path
-) -> dict[tuple[str, str, str], tuple[float, float | None]]:
-    """Per (model, task, method): the rates with the best validation metric in the sweep
-    configs' results (one config's name or a list of them, e.g. a sweep and a re-run of its
-    rates on more seeds; mean over all their seeds per rate; ties: the smaller rate).
-
-    Raises:
-        ValueError: a sweep has no results, or they were not scored on validation.
-    """
-    records: list[dict[str, Any]] = []
-    for name in [sweep] if isinstance(sweep, str) else sweep:
-        found = [json.loads(p.read_text()) for p in sorted((results / name).glob("*.json"))]
-        if not found:
-            raise ValueError(f"learning_rates_from {name!r}: no results in {results / name}")
-        if any(record.get("split") != "validation" for record in found):
-            raise ValueError(f"learning_rates_from {name!r}: its runs must be scored on validation")
-        records += found
-    scores: dict[tuple[str, str, str], dict[tuple[float, float | None], list[float]]] = {}
-    for record in records:
-        key = (record["model"], record["task"], record["method"])
-        rates = (record["lr"], record["stiefel_lr"])
-        sign = 1.0 if record.get("higher_is_better", True) else -1.0
-        scores.setdefault(key, {}).setdefault(rates, []).append(sign * record["after"])
-    return {
-        key: max(by_rate, key=lambda r: (sum(by_rate[r]) / len(by_rate[r]), -r[0]))
-        for key, by_rate in scores.items()
-    }
-
-
-def plan(config: dict[str, Any], results: Path = RESULTS) -> list[RunSpec]:
-    """Every run of the config, grouped by model then task (each loaded once). With
-    ``learning_rates_from`` each method runs at the rates its sweep chose on validation.
-
-    Raises:
-        ValueError: a method or (model, task) that the sweep does not cover.
-    """
-    chosen = (
-        chosen_learning_rates(config["learning_rates_from"], results)
-        if config["learning_rates_from"]
-        else None
-    )
-    runs = []
-    for model in config["models"]:
-        for task in config["tasks"]:
-            for seed in config["seeds"]:
-                for method in config["methods"]:
-                    family = METHODS[method].family
-                    values = config["learning_rates"][family]
-                    if chosen is not None:
-                        key = (model["name"], task["name"], method)
-                        if key not in chosen:
-                            raise ValueError(f"the sweep chose no rates for {key}")
-                        lr, slr = chosen[key]
-                        values = [[lr, slr]] if family == "stiefel" else [lr]
-                    for value in values:
-                        lr, stiefel_lr = (
-                            (value[0], value[1]) if family == "stiefel" else (value, None)
-                        )
-                        label = method
-                        # a validation run is a rate choice: its label always names its rates,
-                        # so a one-rate grid extension lines up with the sweep it extends
-                        if len(values) > 1 or config["evaluate_on"] == "validation":
-                            label += f"-lr{lr:g}" + (f"-slr{stiefel_lr:g}" if stiefel_lr else "")
-                        runs.append(
-                            RunSpec(
-                                model["name"],
-                                task["name"],
-                                method,
-                                int(seed),
-                                float(lr),
-                                stiefel_lr,
-                                label,
-                            )
-                        )
-    return runs
 
 
 def write_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -211,8 +70,10 @@ class Group:
     ) -> None:
         dtype = getattr(torch, config["dtype"])
         self.base, self.tokenizer = load_base_model(model_entry, device, dtype)
-        self.task: Task = load_task(
-            task_entry, self.tokenizer, config["split_seed"], config["max_length"]
+        self.task: Task = task_for_model(
+            load_task(task_entry, self.tokenizer, config["split_seed"], config["max_length"]),
+            self.base,
+            model_entry["name"],
         )
         self.collate = self.task.collator(self.tokenizer)
         self.device = device
@@ -256,10 +117,12 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         seed=spec.seed,
         lr=spec.lr,
         stiefel_lr=spec.stiefel_lr,
+        relative_lr=spec.relative_lr,
         r=int(config["r"]),
         alpha=float(config["alpha"]),
         dropout=float(config["dropout"]),
         targets=tuple(config["targets"]) if config["targets"] else None,
+        modules_to_save=head_modules(group.base) or None,  # a new classifier head trains too
     )
     model, optimizer, info = build_method(spec.method, copy.deepcopy(group.base), context)
     built = time.perf_counter()
@@ -270,8 +133,9 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         max_grad_norm=float(config["max_grad_norm"]),
         seed=spec.seed,
     )
+    trained_model, collate = group.task.training(model, group.collate)
     fitted = fit(
-        model, optimizer, group.task.train, group.collate, plan, device=group.device,
+        trained_model, optimizer, group.task.train, collate, plan, device=group.device,
         progress=progress,
     )  # fmt: skip
     losses = fitted.losses
@@ -290,6 +154,7 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         "family": info.pop("family"),
         "lr": spec.lr,
         "stiefel_lr": spec.stiefel_lr,
+        "relative_lr": spec.relative_lr,
         "metric": metric,
         "split": group.split,
         "higher_is_better": group.task.higher_is_better,

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from experiments.models import load_base_model
-from experiments.run import RESULTS, write_atomic
+from experiments.protocol import RESULTS
+from experiments.run import write_atomic
 from experiments.tasks import evaluate, generate_answers, load_task
 from stiefel_peft.cli.workflow import resolve_device
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import run
+from experiments import protocol, run
 from experiments.models import tiny_llama, word_tokenizer
 from experiments.tasks import evaluate, load_task, speech_chunks
 
@@ -74,7 +74,7 @@ def test_a_fresh_test_config_reads_only_the_fresh_split(tmp_path: Path) -> None:
     (record,) = [json.loads(p.read_text()) for p in (results / "fresh").glob("*.json")]
     assert record["split"] == "fresh_test" and record["heldout_examples"] == 10
     with pytest.raises(ValueError, match="'fresh_test'"):
-        run.load_config(_write(tmp_path, "bad", {**COMMON, "evaluate_on": "retest"}))
+        protocol.load_config(_write(tmp_path, "bad", {**COMMON, "evaluate_on": "retest"}))
 
 
 def test_a_sweep_on_validation_chooses_the_rates_that_the_test_config_runs(tmp_path: Path) -> None:
@@ -88,40 +88,81 @@ def test_a_sweep_on_validation_chooses_the_rates_that_the_test_config_runs(tmp_p
     records = [json.loads(p.read_text()) for p in (results / "sweep").glob("*.json")]
     assert {r["split"] for r in records} == {"validation"}
     assert {r["heldout_examples"] for r in records} == {12}
-    chosen = run.chosen_learning_rates("sweep", results)
+    chosen = protocol.chosen_learning_rates("sweep", results)
     for method in ("lora_r32_all", "fora"):
         mine = [r for r in records if r["method"] == method]
         best = max(mine, key=lambda r: (r["after"], -r["lr"]))
         assert chosen[("tiny-llama", "synthetic_sentiment", method)] == (
-            best["lr"], best["stiefel_lr"]
+            best["lr"], best["stiefel_lr"], None
         )  # fmt: skip
 
     final = _write(tmp_path, "final", {
         **COMMON, "seeds": [0, 1], "learning_rates_from": "sweep", "evaluate_on": "test",
     })  # fmt: skip
-    runs = run.plan(run.load_config(final), results)
+    runs = protocol.plan(protocol.load_config(final), results)
     assert len(runs) == 4 and all("-lr" not in r.label for r in runs)
     for spec in runs:
-        assert (spec.lr, spec.stiefel_lr) == chosen[(spec.model, spec.task, spec.method)]
+        assert (spec.lr, spec.stiefel_lr, spec.relative_lr) == chosen[
+            (spec.model, spec.task, spec.method)
+        ]
 
     for record_path in (results / "sweep").glob("*.json"):  # a sweep scored on test is refused
         record = json.loads(record_path.read_text())
         record_path.write_text(json.dumps({**record, "split": "test"}))
         break
     with pytest.raises(ValueError, match="must be scored on validation"):
-        run.plan(run.load_config(final), results)
+        protocol.plan(protocol.load_config(final), results)
     with pytest.raises(ValueError, match="no results"):
-        run.chosen_learning_rates("missing", results)
+        protocol.chosen_learning_rates("missing", results)
 
 
 def test_a_validation_run_always_names_its_rates(tmp_path: Path) -> None:
     one_rate = {**COMMON, "learning_rates": {"adamw": [1e-3], "stiefel": [[5e-4, 5e-4]]}}
     extension = _write(tmp_path, "extension", {**one_rate, "evaluate_on": "validation"})
-    labels = {r.method: r.label for r in run.plan(run.load_config(extension), tmp_path)}
+    labels = {r.method: r.label for r in protocol.plan(protocol.load_config(extension), tmp_path)}
     assert labels == {"lora_r32_all": "lora_r32_all-lr0.001", "fora": "fora-lr0.0005-slr0.0005"}
     final = _write(tmp_path, "final", {**one_rate, "evaluate_on": "test"})
-    labels = {r.method: r.label for r in run.plan(run.load_config(final), tmp_path)}
+    labels = {r.method: r.label for r in protocol.plan(protocol.load_config(final), tmp_path)}
     assert labels == {"lora_r32_all": "lora_r32_all", "fora": "fora"}  # a test row: the method
+
+
+def test_a_weight_scaled_a_rate_is_named_chosen_and_replayed(tmp_path: Path) -> None:
+    rates = {"adamw": [1e-3], "stiefel": [[5e-4, 5e-4], [{"relative": 5e-3}, 1e-3]]}
+    sweep = _write(tmp_path, "scaled", {**COMMON, "learning_rates": rates, "methods": ["fora"],
+                                        "evaluate_on": "validation"})  # fmt: skip
+    specs = protocol.plan(protocol.load_config(sweep), tmp_path)
+    assert [(s.label, s.lr, s.relative_lr) for s in specs] == [
+        ("fora-lr0.0005-slr0.0005", 5e-4, None),
+        ("fora-rlr0.005-slr0.001", None, 5e-3),
+    ]
+    folder = tmp_path / "chosen"
+    folder.mkdir()
+    for index, (lr, relative, value) in enumerate([(5e-4, None, 0.7), (None, 5e-3, 0.8)]):
+        record = {"model": "m", "task": "t", "method": "fora", "lr": lr, "stiefel_lr": 1e-3,
+                  "relative_lr": relative, "after": value, "split": "validation"}  # fmt: skip
+        (folder / f"r{index}.json").write_text(json.dumps(record))
+    assert protocol.chosen_learning_rates("chosen", tmp_path) == {
+        ("m", "t", "fora"): (None, 1e-3, 5e-3)
+    }
+    final = _write(tmp_path, "final", {**COMMON, "models": [{"name": "m", "source": "tiny_llama"}],
+                                       "tasks": [{"name": "t"}], "methods": ["fora"],
+                                       "seeds": [0], "learning_rates_from": "chosen"})  # fmt: skip
+    (spec,) = protocol.plan(protocol.load_config(final), tmp_path)
+    assert (spec.lr, spec.stiefel_lr, spec.relative_lr) == (None, 1e-3, 5e-3)
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [
+        {"adamw": [{"relative": 5e-3}], "stiefel": [[5e-4, 5e-4]]},
+        {"adamw": [1e-3], "stiefel": [[{"scaled": 5e-3}, 1e-3]]},
+        {"adamw": [1e-3], "stiefel": [5e-4]},
+    ],
+)
+def test_malformed_rate_entries_are_refused(tmp_path: Path, rates: dict) -> None:
+    config = _write(tmp_path, "bad", {**COMMON, "learning_rates": rates})
+    with pytest.raises(ValueError, match="learning_rates"):
+        protocol.load_config(config)
 
 
 def test_lower_is_better_metrics_choose_the_lowest(tmp_path: Path) -> None:
@@ -131,7 +172,9 @@ def test_lower_is_better_metrics_choose_the_lowest(tmp_path: Path) -> None:
         record = {"model": "m", "task": "t", "method": "fora", "lr": lr, "stiefel_lr": lr,
                   "after": value, "split": "validation", "higher_is_better": False}  # fmt: skip
         (folder / f"r{index}.json").write_text(json.dumps(record))
-    assert run.chosen_learning_rates("sweep", tmp_path) == {("m", "t", "fora"): (2e-3, 2e-3)}
+    assert protocol.chosen_learning_rates("sweep", tmp_path) == {
+        ("m", "t", "fora"): (2e-3, 2e-3, None)
+    }
 
 
 def test_a_list_of_sweeps_pools_their_seeds_per_rate(tmp_path: Path) -> None:
@@ -145,11 +188,15 @@ def test_a_list_of_sweeps_pools_their_seeds_per_rate(tmp_path: Path) -> None:
     write("sweep", 0, 2e-3, 0.82)  # seed 0 alone chooses 2e-3 ...
     write("seeds", 1, 1e-3, 0.81)
     write("seeds", 1, 2e-3, 0.60)  # ... which collapses on seed 1
-    assert run.chosen_learning_rates("sweep", tmp_path)[("m", "t", "fora")] == (2e-3, 2e-3)
-    pooled = run.chosen_learning_rates(["sweep", "seeds"], tmp_path)
-    assert pooled == {("m", "t", "fora"): (1e-3, 1e-3)}  # mean 0.805 against 0.71
+    assert protocol.chosen_learning_rates("sweep", tmp_path)[("m", "t", "fora")] == (
+        2e-3,
+        2e-3,
+        None,
+    )
+    pooled = protocol.chosen_learning_rates(["sweep", "seeds"], tmp_path)
+    assert pooled == {("m", "t", "fora"): (1e-3, 1e-3, None)}  # mean 0.805 against 0.71
     with pytest.raises(ValueError, match="'missing': no results"):
-        run.chosen_learning_rates(["sweep", "missing"], tmp_path)
+        protocol.chosen_learning_rates(["sweep", "missing"], tmp_path)
 
 
 def test_speech_chunks_respect_the_token_budget_and_keep_every_word() -> None:

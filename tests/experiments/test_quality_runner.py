@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import aggregate, run
+from experiments import aggregate, protocol, run
 from experiments.methods import METHODS, MethodContext, build_method
 from experiments.metrics import effective_rank, lowrank_singular_values, update_metrics
 from experiments.models import tiny_llama, word_tokenizer
@@ -30,8 +30,8 @@ LORA_R32_ALL = NUM_BLOCKS * 32 * ((64 + 64) + 2 * (64 + 32) + 2 * (64 + 128))
 
 def test_every_config_parses_and_plans() -> None:
     for path in CONFIGS.glob("*.json"):
-        config = run.load_config(path)
-        runs = run.plan(config)
+        config = protocol.load_config(path)
+        runs = protocol.plan(config)
         assert len({r.filename() for r in runs}) == len(runs), path  # no two runs share a file
 
 
@@ -91,7 +91,7 @@ def test_smoke_config_end_to_end_resumes_and_aggregates(tmp_path: Path, monkeypa
 
 def test_runs_claimed_by_a_live_worker_are_left_to_it(tmp_path: Path) -> None:
     config = Path(run.__file__).parent / "configs" / "smoke.json"
-    first, *_ = run.plan(run.load_config(config))
+    first, *_ = protocol.plan(protocol.load_config(config))
     path = tmp_path / "smoke" / first.filename()
     lock = path.with_name(path.name + ".lock")
     lock.parent.mkdir(parents=True)
