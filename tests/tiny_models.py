@@ -23,7 +23,7 @@ import torch
 import transformers
 from torch import nn
 
-__all__ = ["TINY_MODELS", "TinyModelCase", "tiny_model_case"]
+__all__ = ["TINY_MODELS", "TinyModelCase", "tiny_model_case", "train_steps"]
 
 VOCAB_SIZE = 96
 PAD_TOKEN_ID = 0
@@ -206,3 +206,20 @@ def tiny_model_case(name: str) -> TinyModelCase:
         if case.name == name:
             return case
     raise ValueError(f"unknown tiny model {name!r}; known: {[c.name for c in TINY_MODELS]}")
+
+
+def train_steps(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, steps: int
+) -> list[float]:
+    """``steps`` optimizer steps of ``model`` on one batch in train mode (its own ``.loss``),
+    then eval mode; the losses before each step."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

@@ -20,7 +20,7 @@ from stiefel_peft.fora import (
     number_of_selected_blocks,
 )
 from stiefel_peft.geometry import orthogonality_error
-from tests.tiny_models import TINY_MODELS, TinyModelCase, tiny_model_case
+from tests.tiny_models import TINY_MODELS, TinyModelCase, tiny_model_case, train_steps
 
 RANK = 4  # tiny models have k/v projections of 16 outputs
 CASES = [pytest.param(case, id=case.name) for case in TINY_MODELS]
@@ -44,15 +44,7 @@ def _train(
 ) -> list[float]:
     optimizer = fora_optimizer(model, **optimizer_options)
     batch = case.make_batch(batch_size=4, seq_len=8, seed=11)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(model, optimizer, batch, steps)
 
 
 @pytest.mark.parametrize("case", CASES)

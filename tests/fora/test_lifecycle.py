@@ -17,7 +17,7 @@ from stiefel_peft.fora import (
     load_fora_adapter,
 )
 from stiefel_peft.geometry import orthogonality_error
-from tests.tiny_models import TinyModelCase, tiny_model_case
+from tests.tiny_models import TinyModelCase, tiny_model_case, train_steps
 
 RANK = 4
 
@@ -28,13 +28,7 @@ def _calibration(case: TinyModelCase) -> list[dict]:
 
 def _train(model: peft.PeftModel, case: TinyModelCase, steps: int = 6, **options) -> None:
     optimizer = fora_optimizer(model, lr=1e-2, stiefel_lr=1e-2, **options)
-    batch = case.make_batch(batch_size=4, seq_len=8, seed=11)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
-    model.eval()
+    train_steps(model, optimizer, case.make_batch(batch_size=4, seq_len=8, seed=11), steps)
 
 
 def _factors(model: peft.PeftModel, adapter: str) -> dict[str, torch.Tensor]:

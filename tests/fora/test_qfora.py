@@ -21,7 +21,7 @@ from stiefel_peft.fora import (
     weight_rms,
 )
 from stiefel_peft.geometry import orthogonality_error
-from tests.tiny_models import tiny_model_case
+from tests.tiny_models import tiny_model_case, train_steps
 
 bitsandbytes = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -67,15 +67,7 @@ def test_qfora_scores_trains_orthonormal_and_reloads_on_a_fresh_4bit_base(
         assert factor.dtype == torch.float32
     optimizer = fora_optimizer(model, lr=1e-2, stiefel_lr=1e-2)
     batch = case.make_batch(batch_size=4, seq_len=8, seed=11)
-    model.train()
-    losses = []
-    for _ in range(8):
-        optimizer.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
+    losses = train_steps(model, optimizer, batch, 8)
     assert losses[-1] < losses[0]
     for _, factor in constrained_parameters(model):
         assert orthogonality_error(factor.detach()) <= 1e-5

@@ -18,7 +18,7 @@ from stiefel_peft.fora import (
     weight_rms,
     weight_scaled_rates,
 )
-from tests.tiny_models import tiny_model_case
+from tests.tiny_models import tiny_model_case, train_steps
 
 RANK = 4
 
@@ -145,13 +145,7 @@ def _rescaled(model: nn.Module, scale: float) -> nn.Module:
 def _train(model: nn.Module, steps: int, **rates: float) -> torch.Tensor:
     case = tiny_model_case("llama")
     batch = case.make_batch(batch_size=4, seq_len=8, seed=11)
-    optimizer = fora_optimizer(model, **rates)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
-    model.eval()
+    train_steps(model, fora_optimizer(model, **rates), batch, steps)
     with torch.no_grad():
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
