@@ -33,7 +33,7 @@ from stiefel_peft.cli.settings import (
     FisherSettings,
 )
 from stiefel_peft.fisher import ESTIMATORS
-from stiefel_peft.fora import DEFAULT_RELATIVE_LR, INITIALISATIONS, SELECTIONS
+from stiefel_peft.fora import INITIALISATIONS, SELECTIONS
 from stiefel_peft.geometry import RETRACTIONS
 
 SETTINGS = {"finetune": FinetuneSettings, "fisher": FisherSettings}
@@ -261,16 +261,14 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         "--lr",
         type=positive_float,
         default=tuned.lr,
-        help="absolute AdamW learning rate of the Euclidean factor (lora_A with "
-        "--stiefel-factor B) in every layer; default: --relative-lr times each layer's weight RMS",
+        help="AdamW learning rate of the Euclidean factor (lora_A with --stiefel-factor B)",
     )
     fora.add_argument(
         "--relative-lr",
         type=positive_float,
         default=tuned.relative_lr,
-        help="the Euclidean factor's rate per unit of the adapted weight's RMS (default "
-        f"{DEFAULT_RELATIVE_LR:g} when --lr is not given; with --lr too, --lr is only for other "
-        "trainable parameters)",
+        help="give the Euclidean factor of each layer the rate RELATIVE_LR x RMS of the weight "
+        "it adapts instead of --lr (off by default; docs/fora.md)",
     )
     fora.add_argument(
         "--stiefel-lr",

@@ -126,11 +126,10 @@ class FinetuneSettings(DataSettings):
         save_every: write ``<output>/checkpoint-<step>/`` every this many steps.
         eval_every: score the held-out examples every this many steps (``metrics.jsonl``).
         resume: a ``checkpoint-<step>`` folder to continue from.
-        lr: absolute AdamW learning rate of ``lora_A`` in every layer (None: weight-scaled, see
-            ``relative_lr``); ``FoRAConfig.lr``.
+        lr: AdamW learning rate of ``lora_A`` (and any other trainable parameter).
         stiefel_lr: learning rate of the Stiefel factor.
-        relative_lr: ``lora_A``'s rate per unit of the adapted weight's RMS (None with ``lr``
-            None: the library's default); ``FoRAConfig.relative_lr``.
+        relative_lr: None, or ``lora_A``'s rate per unit of the adapted weight's RMS
+            (``FoRAConfig.relative_lr``, off by default).
         train_examples: use at most this many training examples.
     """
 
@@ -150,9 +149,9 @@ class FinetuneSettings(DataSettings):
     save_every: int | None = None
     eval_every: int | None = None
     resume: str | None = None
-    lr: float | None = None
+    lr: float = _LIBRARY.lr
     stiefel_lr: float = _LIBRARY.stiefel_lr
-    relative_lr: float | None = None
+    relative_lr: float | None = _LIBRARY.relative_lr
     train_examples: int | None = None
 
     def fora_config(self) -> FoRAConfig:

@@ -10,7 +10,6 @@ from torch import nn
 from stiefel_peft.distributed import ShardedStiefelAdam, is_sharded
 from stiefel_peft.fora.config import (
     DEFAULT_LR,
-    DEFAULT_RELATIVE_LR,
     DEFAULT_STIEFEL_LR,
     STIEFEL_FACTORS,
     FoRAConfig,
@@ -138,8 +137,7 @@ def fora_optimizer(
     (``model.fora_configs[adapter]``, set by ``apply_fora`` or
     :func:`~stiefel_peft.fora.load_fora_adapter`); for an adapter reloaded with peft alone,
     the constrained factor read from its weights (:func:`detect_stiefel_factor`) and the
-    library defaults (:data:`~stiefel_peft.fora.config.DEFAULT_RELATIVE_LR`,
-    :data:`~stiefel_peft.fora.config.DEFAULT_LR`,
+    library defaults (:data:`~stiefel_peft.fora.config.DEFAULT_LR`,
     :data:`~stiefel_peft.fora.config.DEFAULT_STIEFEL_LR`, ``"cayley"``). An ``lr`` argument
     without ``relative_lr`` makes every rate absolute, whatever the settings say.
 
@@ -170,9 +168,9 @@ def fora_optimizer(
     if stiefel_factor is None:
         stiefel_factor = config.stiefel_factor if config else detect_stiefel_factor(model, adapter)
     if relative_lr is None and lr is None:  # no rate given here: the settings decide
-        relative_lr = config.relative_lr if config else DEFAULT_RELATIVE_LR
+        relative_lr = config.relative_lr if config else None
     if lr is None:
-        lr = config.lr if config is not None and config.lr is not None else DEFAULT_LR
+        lr = config.lr if config else DEFAULT_LR
     stiefel_lr = (
         stiefel_lr
         if stiefel_lr is not None

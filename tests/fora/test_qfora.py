@@ -128,5 +128,5 @@ def test_weight_scaled_rates_read_the_dequantized_4bit_weight(base_folder: Path)
         original = dense_layers[name.removeprefix("base_model.model.")].weight.double()
         # NF4 keeps each weight within its block's quantization step: the RMS within a few %.
         assert weight_rms(layer) == pytest.approx(float(original.pow(2).mean().sqrt()), rel=0.05)
-    _, *free = fora_optimizer(model).param_groups
+    _, *free = fora_optimizer(model, relative_lr=5e-3).param_groups
     assert len(free) == len(layers) and all(group["lr"] > 0 for group in free)

@@ -10,7 +10,6 @@ from torch import nn
 
 from stiefel_peft.fora import (
     DEFAULT_LR,
-    DEFAULT_RELATIVE_LR,
     DEFAULT_STIEFEL_LR,
     FoRAConfig,
     apply_fora,
@@ -67,33 +66,37 @@ def test_bad_relative_rates_are_refused_everywhere(bad: float) -> None:
         FoRAConfig(relative_lr=bad)
 
 
-def test_by_default_each_layer_a_steps_at_the_relative_rate_times_its_weight_rms() -> None:
+def test_by_default_every_free_factor_steps_at_lr() -> None:
     model = _adapted(_llama())
-    optimizer = fora_optimizer(model)
-    stiefel, *free = optimizer.param_groups
+    assert model.fora_config.relative_lr is None
+    stiefel, free = fora_optimizer(model).param_groups
     assert stiefel["stiefel"] and stiefel["lr"] == DEFAULT_STIEFEL_LR
-    layers = _layers(model)
-    assert len(free) == len(layers)  # one group per adapted layer, nothing else is trainable
-    for group in free:
-        (name,) = group["param_names"]
-        assert not group["stiefel"] and name.endswith(".lora_A.default.weight")
-        layer = layers[name.removesuffix(".lora_A.default.weight")]
-        assert group["lr"] == pytest.approx(DEFAULT_RELATIVE_LR * weight_rms(layer), rel=1e-12)
-    assert len({group["lr"] for group in free}) > 1  # the tiny model's layers differ in scale
+    assert not free["stiefel"] and free["lr"] == DEFAULT_LR
+    assert len(free["params"]) == len(_layers(model))
 
 
-def test_an_absolute_lr_alone_gives_every_free_factor_that_rate() -> None:
-    model = _adapted(_llama())
+def test_with_relative_lr_each_layer_a_steps_at_that_times_its_weight_rms() -> None:
+    for model, options in (
+        (_adapted(_llama()), {"relative_lr": 5e-3}),  # given to the optimizer
+        (_adapted(_llama(), relative_lr=5e-3), {}),  # or saved in the adapter's settings
+    ):
+        stiefel, *free = fora_optimizer(model, **options).param_groups
+        assert stiefel["stiefel"] and stiefel["lr"] == DEFAULT_STIEFEL_LR
+        layers = _layers(model)
+        assert len(free) == len(layers)  # one group per adapted layer, nothing else trains
+        for group in free:
+            (name,) = group["param_names"]
+            assert not group["stiefel"] and name.endswith(".lora_A.default.weight")
+            layer = layers[name.removesuffix(".lora_A.default.weight")]
+            assert group["lr"] == pytest.approx(5e-3 * weight_rms(layer), rel=1e-12)
+        assert len({group["lr"] for group in free}) > 1  # the layers differ in scale
+
+
+def test_an_lr_given_to_the_optimizer_alone_makes_every_rate_absolute() -> None:
+    model = _adapted(_llama(), relative_lr=5e-3)
     stiefel, free = fora_optimizer(model, lr=3e-3, stiefel_lr=2e-3).param_groups
     assert stiefel["lr"] == 2e-3 and free["lr"] == 3e-3
     assert len(free["params"]) == len(_layers(model))
-    # The same through the adapter's settings: FoRAConfig(lr=...) turns the scaling off.
-    model = _adapted(_llama(), lr=3e-3)
-    assert model.fora_config.relative_lr is None
-    assert [group["lr"] for group in fora_optimizer(model).param_groups] == [
-        DEFAULT_STIEFEL_LR,
-        3e-3,
-    ]
 
 
 def test_with_both_rates_the_head_takes_lr_and_the_factors_scale() -> None:
@@ -104,30 +107,24 @@ def test_with_both_rates_the_head_takes_lr_and_the_factors_scale() -> None:
     assert all("classifier" in name for name in head["param_names"]) and head["lr"] == 7e-4
     factors = optimizer.param_groups[1:-1]
     assert factors and all(g["param_names"][0].endswith("lora_A.default.weight") for g in factors)
-    # Without lr the head takes DEFAULT_LR.
-    assert fora_optimizer(model).param_groups[-1]["lr"] == DEFAULT_LR
+    # Without lr the head takes the adapter's (here the default) rate.
+    assert fora_optimizer(model, relative_lr=1e-2).param_groups[-1]["lr"] == DEFAULT_LR
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == sum(p.numel() for g in optimizer.param_groups for p in g["params"])
 
 
 def test_with_stiefel_factor_a_the_free_lora_b_is_weight_scaled() -> None:
     model = _adapted(_llama(), stiefel_factor="A")
-    _, *free = fora_optimizer(model).param_groups
+    _, *free = fora_optimizer(model, relative_lr=5e-3).param_groups
     assert free and all(g["param_names"][0].endswith(".lora_B.default.weight") for g in free)
 
 
-def test_the_config_resolves_its_rates_once() -> None:
-    default = FoRAConfig()
-    assert default.lr is None and default.relative_lr == DEFAULT_RELATIVE_LR
-    assert FoRAConfig(lr=1e-3).relative_lr is None
-    assert FoRAConfig(lr=1e-3, relative_lr=2e-3).relative_lr == 2e-3
-    # An absolute lr given later replaces the default scaling, not a chosen one.
-    assert default.with_overrides(lr=1e-3).relative_lr is None
-    chosen = FoRAConfig(relative_lr=2e-3)
-    assert chosen.with_overrides(lr=1e-3).relative_lr == 2e-3
-    assert FoRAConfig.from_dict(default.to_dict()) == default
-    # Settings saved before weight-scaled rates keep their absolute rate on reload.
-    saved = {k: v for k, v in FoRAConfig(lr=5e-4).to_dict().items() if k != "relative_lr"}
+def test_the_relative_rate_round_trips_through_the_settings() -> None:
+    config = FoRAConfig(relative_lr=2e-3)
+    assert FoRAConfig.from_dict(config.to_dict()) == config
+    assert config.with_overrides(lr=1e-3).relative_lr == 2e-3
+    # Settings saved before the option existed reload without it.
+    saved = {k: v for k, v in FoRAConfig().to_dict().items() if k != "relative_lr"}
     assert FoRAConfig.from_dict(saved).relative_lr is None
 
 
