@@ -80,11 +80,12 @@ class MethodContext:
             estimator="empirical",
             calibration_batches=None,
             seed=self.seed,
-            lr=self.lr,
             stiefel_lr=self.stiefel_lr or FoRAConfig().stiefel_lr,
             relative_lr=self.relative_lr,
             modules_to_save=self.modules_to_save,
         )
+        if self.lr is not None:  # None: A's rate is weight-scaled, the head keeps the default
+            settings["lr"] = self.lr
         settings.update(overrides)
         return FoRAConfig(**settings)
 

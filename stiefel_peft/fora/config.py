@@ -25,7 +25,7 @@ BIASES = ("none", "all", "lora_only")
 # quality study's validation splits (docs/results.md): the tied rate whose worst shortfall from
 # each task's best is smallest over arithmetic, Rotten Tomatoes, Gemma-3-270M, all-MiniLM-L6-v2
 # (3 seeds each) and language modelling (1 seed). No rate is within 2 points everywhere: 5e-4 is
-# 2.2, 0, 2.7 and 1.4 points below the best accuracy and 2.8 perplexity above the best; 1e-3
+# 2.2, 0, 2.7 and 1.3 points below the best accuracy and 2.8 perplexity above the best; 1e-3
 # falls 7.7 points short on Gemma, 3.5e-4 4.1 in perplexity, and 2e-3 collapsed on 1 of 3
 # Rotten Tomatoes seeds. The weight-scaled rate (FoRAConfig.relative_lr) came closer on the two
 # causal LMs but fell 3.7 points short on the encoder, so it is an option, not the default. Not

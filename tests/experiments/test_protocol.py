@@ -151,6 +151,23 @@ def test_a_weight_scaled_a_rate_is_named_chosen_and_replayed(tmp_path: Path) -> 
     assert (spec.lr, spec.stiefel_lr, spec.relative_lr) == (None, 1e-3, 5e-3)
 
 
+def test_a_weight_scaled_run_trains_and_records_its_rates(tmp_path: Path) -> None:
+    rates = {"stiefel": [[{"relative": 1e-2}, 1e-3]]}
+    config = _write(tmp_path, "scaled", {**COMMON, "methods": ["fora"], "learning_rates": rates,
+                                         "evaluate_on": "validation"})  # fmt: skip
+    results = tmp_path / "results"
+    assert (
+        run.main([str(config), "--device", "cpu", "--results", str(results), "--quiet"])["trained"]
+        == 1
+    )
+    (path,) = (results / "scaled").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["label"] == "fora-rlr0.01-slr0.001"
+    assert (record["lr"], record["stiefel_lr"], record["relative_lr"]) == (None, 1e-3, 1e-2)
+    spread = record["method_info"]["free_factor_lr"]
+    assert 0 < spread["min"] <= spread["mean"] <= spread["max"] < 1e-2  # RMS(W) < 1 here
+
+
 @pytest.mark.parametrize(
     "rates",
     [
