@@ -84,6 +84,15 @@ def test_fully_sharded_fora_equals_the_single_process_run(
                 assert error < orthonormal_tolerance(torch.float32, workers.RANK), name
 
 
+def test_weight_scaled_rates_read_the_whole_sharded_weight(results: list[dict[str, Any]]) -> None:
+    for result in results:
+        rates = result["weight_scaled_rates"]
+        assert rates["whole"] and set(rates["sharded"]) == set(rates["whole"])
+        for name, rate in rates["whole"].items():
+            assert rates["sharded"][name] == pytest.approx(rate, rel=1e-12), name
+            assert rates["grouped"][name] == pytest.approx(rate, rel=1e-12), name
+
+
 def test_unsupported_layouts_raise_with_the_fix(results: list[dict[str, Any]]) -> None:
     messages = results[0]["rejections"]
     assert "ShardedStiefelAdam" in messages["plain_optimizer"]

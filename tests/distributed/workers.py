@@ -19,7 +19,12 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from stiefel_peft.distributed import ShardedStiefelAdam, stiefel_shard_placement
 from stiefel_peft.fisher import estimate_fisher
-from stiefel_peft.fora import apply_fora, constrained_parameters, fora_optimizer
+from stiefel_peft.fora import (
+    apply_fora,
+    constrained_parameters,
+    fora_optimizer,
+    weight_scaled_rates,
+)
 from stiefel_peft.geometry import random_stiefel
 from stiefel_peft.optim import StiefelAdam
 from tests.tiny_models import VOCAB_SIZE, tiny_model_case
@@ -240,8 +245,27 @@ def fsdp_training(rank: int, world_size: int, stiefel_factor: str) -> dict[str, 
     }
 
 
+def fsdp_weight_scaled_rates(rank: int, world_size: int) -> dict[str, dict[str, float]]:
+    """The weight-scaled rates of lora_A before and after fully_shard (DTensor base weights)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = fora_model("B")
+    whole = weight_scaled_rates(model, "A", "default", 1e-2)
+    factors = [param for _, param in constrained_parameters(model, "B")]
+    placement = stiefel_shard_placement(factors)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
+    sharded = weight_scaled_rates(model, "A", "default", 1e-2)
+    optimizer = fora_optimizer(model, relative_lr=1e-2)
+    grouped = {group["param_names"][0]: group["lr"] for group in optimizer.param_groups[1:]}
+    return {"whole": whole, "sharded": sharded, "grouped": grouped}
+
+
 def fsdp(rank: int, world_size: int) -> dict[str, Any]:
     return {
+        "weight_scaled_rates": fsdp_weight_scaled_rates(rank, world_size),
         "step_matrix": sharded_step(rank, world_size, "matrix"),
         "step_element": sharded_step(rank, world_size, "element"),
         "rejections": rejections(world_size),
