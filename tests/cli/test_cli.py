@@ -168,6 +168,7 @@ def test_python_dash_m_and_help_list_every_option_with_defaults() -> None:
         "--batch-size",
         "--lr",
         "--stiefel-lr",
+        "--relative-lr",
         "--seed",
         "--device",
         "--output",
@@ -183,6 +184,16 @@ def test_python_dash_m_and_help_list_every_option_with_defaults() -> None:
         check=True,
     )
     assert "--estimator" in fisher_help.stdout
+
+
+def test_relative_lr_reaches_the_fora_config_and_is_off_by_default() -> None:
+    from stiefel_peft.cli.arguments import parse
+
+    _, settings = parse(["finetune"])
+    assert settings.fora_config().relative_lr is None
+    _, settings = parse(["finetune", "--relative-lr", "5e-3", "--lr", "1e-3"])
+    config = settings.fora_config()
+    assert (config.relative_lr, config.lr) == (5e-3, 1e-3)
 
 
 def test_length_grouped_batches_cover_every_example_once_and_cut_padding() -> None:
