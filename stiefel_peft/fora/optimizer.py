@@ -8,12 +8,7 @@ from typing import Any
 from torch import nn
 
 from stiefel_peft.distributed import ShardedStiefelAdam, is_sharded
-from stiefel_peft.fora.config import (
-    DEFAULT_LR,
-    DEFAULT_STIEFEL_LR,
-    STIEFEL_FACTORS,
-    FoRAConfig,
-)
+from stiefel_peft.fora.config import DEFAULT_LR, DEFAULT_STIEFEL_LR, STIEFEL_FACTORS, FoRAConfig
 from stiefel_peft.fora.rates import weight_scaled_rates
 from stiefel_peft.geometry import orthogonality_error
 from stiefel_peft.optim import StiefelAdam
