@@ -30,12 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.classifier import head_modules, task_for_model
+from experiments.evaluation import evaluate
 from experiments.locks import claim, release
 from experiments.methods import MethodContext, build_method
 from experiments.metrics import update_metrics
 from experiments.models import load_base_model
 from experiments.protocol import RESULTS, RunSpec, load_config, plan
-from experiments.tasks import Task, evaluate, load_task
+from experiments.tasks import Task, load_task
 from stiefel_peft.cli.trainer import TrainingPlan, fit
 from stiefel_peft.cli.training import calibration_batches
 from stiefel_peft.cli.workflow import resolve_device

@@ -16,10 +16,11 @@ import argparse
 import time
 from pathlib import Path
 
+from experiments.evaluation import evaluate, generate_answers
 from experiments.models import load_base_model
 from experiments.protocol import RESULTS
 from experiments.run import write_atomic
-from experiments.tasks import evaluate, generate_answers, load_task
+from experiments.tasks import load_task
 from stiefel_peft.cli.workflow import resolve_device
 
 CANDIDATES = [

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from experiments import protocol, run
+from experiments.evaluation import evaluate
 from experiments.models import tiny_llama, word_tokenizer
-from experiments.tasks import evaluate, load_task, speech_chunks
+from experiments.tasks import load_task, speech_chunks
 
 TINY = {"name": "tiny-llama", "source": "tiny_llama", "options": {"seed": 0}}
 SENTIMENT = {"name": "synthetic_sentiment", "size": 96, "heldout": 16, "validation": 12}

@@ -279,7 +279,7 @@ def test_stiefel_methods_start_orthonormal_at_the_base_model(tiny_setting) -> No
 
 def test_reasoning_gym_task_scores_exact_match() -> None:
     pytest.importorskip("reasoning_gym")
-    from experiments.tasks import _score
+    from experiments.evaluation import _score
 
     entry = {
         "name": "reasoning_gym:basic_arithmetic",
