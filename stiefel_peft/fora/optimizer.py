@@ -185,14 +185,15 @@ def fora_optimizer(
         if relative_lr is not None
         else {}
     )
-    others = [
-        (name, parameter)
-        for name, parameter in model.named_parameters()
-        if parameter.requires_grad
-        and id(parameter) not in constrained_ids
-        and name not in free_rates
-        and _adapter_of(name) in (None, adapter)
-    ]
+    free: list[tuple[str, nn.Parameter]] = []  # the free factors, when their rates scale
+    others: list[tuple[str, nn.Parameter]] = []
+    for name, parameter in model.named_parameters():
+        if (
+            parameter.requires_grad
+            and id(parameter) not in constrained_ids
+            and _adapter_of(name) in (None, adapter)
+        ):
+            (free if name in free_rates else others).append((name, parameter))
     groups: list[dict[str, Any]] = [
         {
             "params": [p for _, p in constrained],
@@ -202,11 +203,10 @@ def fora_optimizer(
             "weight_decay": 0.0,
         }
     ]
-    parameters = dict(model.named_parameters())
-    for name, rate in free_rates.items():  # one group per layer: its own rate
+    for name, parameter in free:  # one group per layer: its own rate
         groups.append({
-            "params": [parameters[name]], "param_names": [name],
-            "stiefel": False, "lr": rate, "weight_decay": weight_decay,
+            "params": [parameter], "param_names": [name],
+            "stiefel": False, "lr": free_rates[name], "weight_decay": weight_decay,
         })  # fmt: skip
     if others:
         groups.append({

@@ -56,7 +56,7 @@ def weight_rms(layer: nn.Module) -> float:
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(base).__name__} has no weight to scale a learning rate by")
     dense = _dense_weight(base)
-    if dense.dim() != 2 and getattr(weight, "quant_state", None) is None:
+    if dense.dim() != 2:
         raise ValueError(
             f"weight-scaled rates need a 2-D linear weight, got shape {tuple(dense.shape)}"
         )
