@@ -106,6 +106,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "lr": members[0]["lr"],
             "stiefel_lr": members[0]["stiefel_lr"],
             "relative_lr": members[0].get("relative_lr"),
+            "gradient_lr": members[0].get("gradient_lr"),
+            "gradient_rate": [m.get("method_info", {}).get("gradient_rate") for m in members],
             "trainable_parameters": members[0]["trainable_parameters"],
             "steps": members[0]["steps"],
             "train_seconds": statistics.fmean(m["seconds"]["train"] for m in members),
@@ -133,7 +135,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             mean, std = row[name]
             return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
-        a_rate = f"{row['lr']:g}" if row["lr"] is not None else f"{row['relative_lr']:g} x RMS(W)"
+        if row["lr"] is not None:
+            a_rate = f"{row['lr']:g}"
+        elif row["relative_lr"] is not None:
+            a_rate = f"{row['relative_lr']:g} x RMS(W)"
+        else:  # the gradient-scaled rate: c / sqrt(g), mean over the seeds' rates
+            rates = row["gradient_rate"]
+            a_rate = f"{row['gradient_lr']:g} / sqrt(g) = {statistics.fmean(rates):.2g}"
         lr = a_rate + (f" / {row['stiefel_lr']:g}" if row["stiefel_lr"] else "")
         lines.append(
             f"| {row['model']} | {row['task']} | {row['split']} | {row['method']} | {len(row['seeds'])} | {lr} | "

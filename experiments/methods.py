@@ -4,7 +4,10 @@ All methods adapt the same target layers (default q, k, v, up, down) with r = 32
 (scaling 2), dropout 0.05 unless the method says otherwise, and see the same data in the same
 order (the runner's job). Two learning-rate families: ``"adamw"`` (one lr for every trainable
 parameter) and ``"stiefel"`` (lr for A and other parameters, ``stiefel_lr`` for B; or, with
-``relative_lr``, A's rate ``relative_lr * RMS(W)`` per layer, ``FoRAConfig.relative_lr``).
+``relative_lr``, A's rate ``relative_lr * RMS(W)`` per layer, ``FoRAConfig.relative_lr``; or,
+with ``gradient_lr``, one rate ``gradient_lr / sqrt(g)`` for A, the head and, unless
+``stiefel_lr`` is given, B, from the calibration batches' gradient of A at initialisation,
+``stiefel_peft.fora.gradient_scaled_rate``).
 
 | method | blocks | init | optimiser |
 |---|---|---|---|
@@ -45,6 +48,7 @@ from stiefel_peft.fora import (
     FoRAPlan,
     apply_fora,
     fora_optimizer,
+    gradient_scaled_rate,
     inject_adapters,
     plan_fora,
     select_top_blocks,
@@ -63,6 +67,7 @@ class MethodContext:
     lr: float | None
     stiefel_lr: float | None = None
     relative_lr: float | None = None
+    gradient_lr: float | None = None
     r: int = 32
     alpha: float = 64.0
     dropout: float = 0.05
@@ -185,12 +190,14 @@ def _fora_like(
             info["matches_runner_fisher_top"] = info["selected_blocks"] == _fisher_top(
                 plan, context
             )
+        lr, stiefel_lr = context.lr, context.stiefel_lr
+        if context.gradient_lr is not None:  # one rate from A's gradient at initialisation
+            lr = gradient_scaled_rate(adapted, context.calibration, context.gradient_lr)
+            stiefel_lr = stiefel_lr or lr
+            info["gradient_rate"] = lr
         if optimizer == "stiefel":
             stiefel = fora_optimizer(
-                adapted,
-                lr=context.lr,
-                stiefel_lr=context.stiefel_lr,
-                relative_lr=context.relative_lr,
+                adapted, lr=lr, stiefel_lr=stiefel_lr, relative_lr=context.relative_lr
             )
             if context.relative_lr is not None:  # the rates the weights gave each layer's A
                 rates = [
@@ -202,7 +209,7 @@ def _fora_like(
                     "min": min(rates), "mean": sum(rates) / len(rates), "max": max(rates),
                 }  # fmt: skip
             return adapted, stiefel, info
-        return adapted, _adamw(adapted, context.lr), info
+        return adapted, _adamw(adapted, lr), info
 
     return build
 

@@ -2,9 +2,12 @@
 on validation, and the list of runs (model, task, method, rates, seed) it asks for.
 
 A learning-rate family lists its rates under ``learning_rates``: ``"adamw"`` plain rates,
-``"stiefel"`` ``[A, B]`` pairs, where A is a rate or ``{"relative": c}`` (A's rate ``c * RMS(W)``
-per adapted layer, ``FoRAConfig.relative_lr``). With ``learning_rates_from`` each method runs
-at the rates that its sweep configs chose on their validation split.
+``"stiefel"`` ``[A, B]`` pairs, where A is a rate, ``{"relative": c}`` (A's rate ``c * RMS(W)``
+per adapted layer, ``FoRAConfig.relative_lr``) or ``{"gradient": c}`` (one rate
+``c / sqrt(g)`` from the free factors' gradient at initialisation,
+``stiefel_peft.fora.gradient_scaled_rate``; B may then be ``null``: B and any head share it).
+With ``learning_rates_from`` each method runs at the rates that its sweep configs chose on their
+validation split.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class RunSpec:
     stiefel_lr: float | None
     label: str  # method name, with an lr suffix when the family's lr is swept
     relative_lr: float | None = None
+    gradient_lr: float | None = None
 
     def filename(self) -> str:
         task = self.task.replace(":", "-")
@@ -88,19 +92,26 @@ def load_config(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: learning_rates['adamw'] takes plain rates, got {value!r}")
     for value in config["learning_rates"].get("stiefel", []):
         a_rate = value[0] if isinstance(value, list) and len(value) == 2 else None
-        if isinstance(a_rate, dict) and set(a_rate) != {"relative"}:
+        if isinstance(a_rate, dict) and set(a_rate) not in ({"relative"}, {"gradient"}):
             a_rate = None
+        if (
+            a_rate is not None
+            and value[1] is None
+            and not (isinstance(a_rate, dict) and "gradient" in a_rate)
+        ):
+            a_rate = None  # only a gradient-scaled rate can stand in for B's
         if a_rate is None:
             raise ValueError(
-                f"{path}: learning_rates['stiefel'] takes [A, B] pairs, A a rate or "
-                f'{{"relative": rate per unit of weight RMS}}; got {value!r}'
+                f"{path}: learning_rates['stiefel'] takes [A, B] pairs, A a rate, "
+                f'{{"relative": rate per unit of weight RMS}} or {{"gradient": c}} (B may then '
+                f"be null: tied to A's rate); got {value!r}"
             )
     return config
 
 
 def chosen_learning_rates(
     sweep: str | list[str], results: Path
-) -> dict[tuple[str, str, str], tuple[float | None, float | None, float | None]]:
+) -> dict[tuple[str, str, str], tuple[float | None, float | None, float | None, float | None]]:
     """Per (model, task, method): the rates with the best validation metric in the sweep
     configs' results (one config's name or a list of them, e.g. a sweep and a re-run of its
     rates on more seeds; mean over all their seeds per rate; ties: the smaller rate).
@@ -116,10 +127,12 @@ def chosen_learning_rates(
         if any(record.get("split") != "validation" for record in found):
             raise ValueError(f"learning_rates_from {name!r}: its runs must be scored on validation")
         records += found
-    scores: dict[tuple[str, str, str], dict[tuple[float, float | None], list[float]]] = {}
+    scores: dict[tuple[str, str, str], dict[tuple, list[float]]] = {}
     for record in records:
         key = (record["model"], record["task"], record["method"])
-        rates = (record["lr"], record["stiefel_lr"], record.get("relative_lr"))
+        rates = (
+            record["lr"], record["stiefel_lr"], record.get("relative_lr"), record.get("gradient_lr")
+        )  # fmt: skip
         sign = 1.0 if record.get("higher_is_better", True) else -1.0
         scores.setdefault(key, {}).setdefault(rates, []).append(sign * record["after"])
     return {
@@ -151,20 +164,32 @@ def plan(config: dict[str, Any], results: Path = RESULTS) -> list[RunSpec]:
                         key = (model["name"], task["name"], method)
                         if key not in chosen:
                             raise ValueError(f"the sweep chose no rates for {key}")
-                        lr, slr, relative = chosen[key]
-                        a_rate = {"relative": relative} if relative is not None else lr
+                        lr, slr, relative, gradient = chosen[key]
+                        a_rate = (
+                            {"relative": relative}
+                            if relative is not None
+                            else {"gradient": gradient}
+                            if gradient is not None
+                            else lr
+                        )
                         values = [[a_rate, slr]] if family == "stiefel" else [lr]
                     for value in values:
                         lr, stiefel_lr = (
                             (value[0], value[1]) if family == "stiefel" else (value, None)
                         )
                         relative = lr.get("relative") if isinstance(lr, dict) else None
+                        gradient = lr.get("gradient") if isinstance(lr, dict) else None
                         lr = None if isinstance(lr, dict) else float(lr)
                         label = method
                         # a validation run is a rate choice: its label always names its rates,
                         # so a one-rate grid extension lines up with the sweep it extends
                         if len(values) > 1 or config["evaluate_on"] == "validation":
-                            label += f"-lr{lr:g}" if lr is not None else f"-rlr{relative:g}"
+                            if lr is not None:
+                                label += f"-lr{lr:g}"
+                            elif relative is not None:
+                                label += f"-rlr{relative:g}"
+                            else:
+                                label += f"-glr{gradient:g}"
                             label += f"-slr{stiefel_lr:g}" if stiefel_lr else ""
                         runs.append(
                             RunSpec(
@@ -176,6 +201,7 @@ def plan(config: dict[str, Any], results: Path = RESULTS) -> list[RunSpec]:
                                 stiefel_lr,
                                 label,
                                 relative,
+                                gradient,
                             )
                         )
     return runs

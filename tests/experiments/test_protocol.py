@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import protocol, run
+from experiments import aggregate, protocol, run
 from experiments.evaluation import evaluate
 from experiments.models import tiny_llama, word_tokenizer
 from experiments.tasks import load_task, speech_chunks
@@ -94,7 +94,7 @@ def test_a_sweep_on_validation_chooses_the_rates_that_the_test_config_runs(tmp_p
         mine = [r for r in records if r["method"] == method]
         best = max(mine, key=lambda r: (r["after"], -r["lr"]))
         assert chosen[("tiny-llama", "synthetic_sentiment", method)] == (
-            best["lr"], best["stiefel_lr"], None
+            best["lr"], best["stiefel_lr"], None, None
         )  # fmt: skip
 
     final = _write(tmp_path, "final", {
@@ -103,7 +103,7 @@ def test_a_sweep_on_validation_chooses_the_rates_that_the_test_config_runs(tmp_p
     runs = protocol.plan(protocol.load_config(final), results)
     assert len(runs) == 4 and all("-lr" not in r.label for r in runs)
     for spec in runs:
-        assert (spec.lr, spec.stiefel_lr, spec.relative_lr) == chosen[
+        assert (spec.lr, spec.stiefel_lr, spec.relative_lr, spec.gradient_lr) == chosen[
             (spec.model, spec.task, spec.method)
         ]
 
@@ -143,7 +143,7 @@ def test_a_weight_scaled_a_rate_is_named_chosen_and_replayed(tmp_path: Path) -> 
                   "relative_lr": relative, "after": value, "split": "validation"}  # fmt: skip
         (folder / f"r{index}.json").write_text(json.dumps(record))
     assert protocol.chosen_learning_rates("chosen", tmp_path) == {
-        ("m", "t", "fora"): (None, 1e-3, 5e-3)
+        ("m", "t", "fora"): (None, 1e-3, 5e-3, None)
     }
     final = _write(tmp_path, "final", {**COMMON, "models": [{"name": "m", "source": "tiny_llama"}],
                                        "tasks": [{"name": "t"}], "methods": ["fora"],
@@ -169,12 +169,39 @@ def test_a_weight_scaled_run_trains_and_records_its_rates(tmp_path: Path) -> Non
     assert 0 < spread["min"] <= spread["mean"] <= spread["max"] < 1e-2  # RMS(W) < 1 here
 
 
+def test_a_gradient_scaled_run_trains_records_its_rate_and_is_replayed(tmp_path: Path) -> None:
+    rates = {"stiefel": [[{"gradient": 1e-4}, None]]}
+    config = _write(tmp_path, "graded", {**COMMON, "methods": ["fora"], "learning_rates": rates,
+                                         "evaluate_on": "validation"})  # fmt: skip
+    results = tmp_path / "results"
+    assert (
+        run.main([str(config), "--device", "cpu", "--results", str(results), "--quiet"])["trained"]
+        == 1
+    )
+    (path,) = (results / "graded").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["label"] == "fora-glr0.0001"
+    assert (record["lr"], record["stiefel_lr"], record["gradient_lr"]) == (None, None, 1e-4)
+    rate = record["method_info"]["gradient_rate"]
+    assert rate > 0 and math.isfinite(rate)
+    final = _write(tmp_path, "final", {**COMMON, "methods": ["fora"], "seeds": [1],
+                                       "learning_rates_from": "graded"})  # fmt: skip
+    (spec,) = protocol.plan(protocol.load_config(final), results)
+    assert (spec.lr, spec.stiefel_lr, spec.relative_lr) == (None, None, None)
+    assert spec.gradient_lr == 1e-4
+    rows = aggregate.summarise(aggregate.read_results([results / "graded"]))
+    assert f"0.0001 / sqrt(g) = {rate:.2g}" in aggregate.markdown(rows)
+
+
 @pytest.mark.parametrize(
     "rates",
     [
         {"adamw": [{"relative": 5e-3}], "stiefel": [[5e-4, 5e-4]]},
         {"adamw": [1e-3], "stiefel": [[{"scaled": 5e-3}, 1e-3]]},
         {"adamw": [1e-3], "stiefel": [5e-4]},
+        {"adamw": [1e-3], "stiefel": [[5e-4, None]]},  # only a gradient-scaled A ties B to it
+        {"adamw": [1e-3], "stiefel": [[{"relative": 5e-3}, None]]},
+        {"adamw": [1e-3], "stiefel": [[{"gradient": 1e-4, "relative": 5e-3}, None]]},
     ],
 )
 def test_malformed_rate_entries_are_refused(tmp_path: Path, rates: dict) -> None:
@@ -191,7 +218,7 @@ def test_lower_is_better_metrics_choose_the_lowest(tmp_path: Path) -> None:
                   "after": value, "split": "validation", "higher_is_better": False}  # fmt: skip
         (folder / f"r{index}.json").write_text(json.dumps(record))
     assert protocol.chosen_learning_rates("sweep", tmp_path) == {
-        ("m", "t", "fora"): (2e-3, 2e-3, None)
+        ("m", "t", "fora"): (2e-3, 2e-3, None, None)
     }
 
 
@@ -210,9 +237,10 @@ def test_a_list_of_sweeps_pools_their_seeds_per_rate(tmp_path: Path) -> None:
         2e-3,
         2e-3,
         None,
+        None,
     )
     pooled = protocol.chosen_learning_rates(["sweep", "seeds"], tmp_path)
-    assert pooled == {("m", "t", "fora"): (1e-3, 1e-3, None)}  # mean 0.805 against 0.71
+    assert pooled == {("m", "t", "fora"): (1e-3, 1e-3, None, None)}  # mean 0.805 against 0.71
     with pytest.raises(ValueError, match="'missing': no results"):
         protocol.chosen_learning_rates(["sweep", "missing"], tmp_path)
 
