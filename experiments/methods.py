@@ -7,7 +7,7 @@ parameter) and ``"stiefel"`` (lr for A and other parameters, ``stiefel_lr`` for 
 ``relative_lr``, A's rate ``relative_lr * RMS(W)`` per layer, ``FoRAConfig.relative_lr``; or,
 with ``gradient_lr``, one rate ``gradient_lr / sqrt(g)`` for A, the head and, unless
 ``stiefel_lr`` is given, B, from the calibration batches' gradient of A at initialisation,
-``stiefel_peft.fora.gradient_scaled_rate``).
+``experiments.rates.gradient_scaled_rate``).
 
 | method | blocks | init | optimiser |
 |---|---|---|---|
@@ -42,13 +42,13 @@ import peft
 import torch
 from torch import nn
 
+from experiments.rates import gradient_scaled_rate
 from stiefel_peft.fisher import FisherScores
 from stiefel_peft.fora import (
     FoRAConfig,
     FoRAPlan,
     apply_fora,
     fora_optimizer,
-    gradient_scaled_rate,
     inject_adapters,
     plan_fora,
     select_top_blocks,

@@ -5,7 +5,7 @@ A learning-rate family lists its rates under ``learning_rates``: ``"adamw"`` pla
 ``"stiefel"`` ``[A, B]`` pairs, where A is a rate, ``{"relative": c}`` (A's rate ``c * RMS(W)``
 per adapted layer, ``FoRAConfig.relative_lr``) or ``{"gradient": c}`` (one rate
 ``c / sqrt(g)`` from the free factors' gradient at initialisation,
-``stiefel_peft.fora.gradient_scaled_rate``; B may then be ``null``: B and any head share it).
+``experiments.rates.gradient_scaled_rate``; B may then be ``null``: B and any head share it).
 With ``learning_rates_from`` each method runs at the rates that its sweep configs chose on their
 validation split.
 """

@@ -26,12 +26,7 @@ from stiefel_peft.fora.optimizer import (
 )
 from stiefel_peft.fora.plan import FoRAPlan, plan_fora, select_top_blocks
 from stiefel_peft.fora.quantized import prepare_quantized
-from stiefel_peft.fora.rates import (
-    free_factor_gradient_rms,
-    gradient_scaled_rate,
-    weight_rms,
-    weight_scaled_rates,
-)
+from stiefel_peft.fora.rates import weight_rms, weight_scaled_rates
 from stiefel_peft.fora.report import REPORT_FILE, FoRAReport
 from stiefel_peft.fora.scoring import score_blocks
 from stiefel_peft.fora.selection import SELECTIONS, register_selection, select
@@ -53,8 +48,6 @@ __all__ = [
     "constrained_parameters",
     "detect_stiefel_factor",
     "fora_optimizer",
-    "free_factor_gradient_rms",
-    "gradient_scaled_rate",
     "initialise_adapters",
     "inject_adapters",
     "load_fora_adapter",

@@ -1,4 +1,5 @@
-"""The gradient-scaled rate: g, the RMS of the free factors' mean gradient, and c / sqrt(g)."""
+"""The study's gradient-scaled rate (experiments.rates): g, the RMS of the free factors' mean
+gradient, and c / sqrt(g)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from stiefel_peft.fora import apply_fora, free_factor_gradient_rms, gradient_scaled_rate
+from experiments.rates import free_factor_gradient_rms, gradient_scaled_rate
+from stiefel_peft.fora import apply_fora
 from tests.tiny_models import tiny_model_case
 
 RANK = 4
