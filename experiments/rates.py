@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from stiefel_peft.fora import constrained_parameters
+
 __all__ = ["free_factor_gradient_rms", "gradient_scaled_rate"]
 
 
@@ -66,8 +68,7 @@ def free_factor_gradient_rms(
         ValueError: no trainable ``lora_<factor>`` weights, no batches, a batch whose output has
             no finite ``.loss``, or a zero or non-finite gradient (no scale to follow).
     """
-    marker = f".lora_{factor}.{adapter_name}.weight"
-    parameters = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(marker)]
+    parameters = [p for _, p in constrained_parameters(model, factor, adapter_name)]
     if not parameters:
         raise ValueError(
             f"found no trainable lora_{factor} weights of adapter {adapter_name!r}; "
