@@ -56,6 +56,11 @@ from stiefel_peft.fora import (
 
 __all__ = ["METHODS", "Method", "MethodContext", "build_method"]
 
+# The rate of every trainable parameter other than the free factors (a classifier head) when
+# A's rate is weight-scaled: the library default when round2_*_weight_scaled ran, pinned here so
+# that those configs re-run as recorded whatever the library default becomes.
+WEIGHT_SCALED_OTHERS_LR = 5e-4
+
 
 @dataclass
 class MethodContext:
@@ -89,8 +94,8 @@ class MethodContext:
             relative_lr=self.relative_lr,
             modules_to_save=self.modules_to_save,
         )
-        if self.lr is not None:  # None: A's rate is weight-scaled, the head keeps the default
-            settings["lr"] = self.lr
+        # None: A's rate is weight- or gradient-scaled; a head trains at the pinned rate
+        settings["lr"] = self.lr if self.lr is not None else WEIGHT_SCALED_OTHERS_LR
         settings.update(overrides)
         return FoRAConfig(**settings)
 
@@ -191,6 +196,8 @@ def _fora_like(
                 plan, context
             )
         lr, stiefel_lr = context.lr, context.stiefel_lr
+        if lr is None and context.relative_lr is not None:
+            lr = WEIGHT_SCALED_OTHERS_LR  # the head's rate; each layer's A follows its weight
         if context.gradient_lr is not None:  # one rate from A's gradient at initialisation
             lr = gradient_scaled_rate(adapted, context.calibration, context.gradient_lr)
             stiefel_lr = stiefel_lr or lr

@@ -199,3 +199,37 @@ def test_minilm_trains_two_steps_on_rotten_tomatoes(tmp_path: Path) -> None:
     fora = next(record for record in records if record["method"] == "fora")
     assert len(fora["selected_blocks"]) == 3
     assert 1e-4 < fora["method_info"]["free_factor_lr"]["min"] < 1e-3  # 5e-3 x RMS ~0.04-0.1
+
+
+def test_a_weight_scaled_run_trains_the_head_at_the_pinned_rate_not_the_library_default() -> None:
+    from experiments.methods import WEIGHT_SCALED_OTHERS_LR, MethodContext, build_method
+    from stiefel_peft.fisher import estimate_fisher
+    from stiefel_peft.fora import DEFAULT_LR
+
+    tokenizer = word_tokenizer()
+    model = tiny_bert(tokenizer, seed=0)
+    calibration = [
+        {
+            "input_ids": torch.randint(
+                3, len(tokenizer), (2, 6), generator=torch.Generator().manual_seed(k)
+            ),
+            "attention_mask": torch.ones(2, 6, dtype=torch.long),
+            "labels": torch.tensor([0, 1]),
+        }
+        for k in range(2)
+    ]
+    context = MethodContext(
+        calibration=calibration,
+        fisher=estimate_fisher(model, calibration, "empirical"),
+        seed=0,
+        lr=None,
+        stiefel_lr=1e-3,
+        relative_lr=5e-3,
+        targets=tuple(BERT_TARGETS),
+        modules_to_save=head_modules(model),
+    )
+    adapted, optimizer, info = build_method("fora", model, context)
+    head = [g for g in optimizer.param_groups if any("classifier" in n for n in g["param_names"])]
+    assert len(head) == 1 and head[0]["lr"] == WEIGHT_SCALED_OTHERS_LR != DEFAULT_LR
+    assert adapted.fora_configs["default"].lr == WEIGHT_SCALED_OTHERS_LR
+    assert info["free_factor_lr"]["min"] > 0  # the adapted layers follow their weights instead
