@@ -80,6 +80,13 @@ class MethodContext:
     budget: float = 0.5
     modules_to_save: tuple[str, ...] | None = None  # trained in full: a new classifier head
 
+    @property
+    def others_lr(self) -> float:
+        """The rate of A (when absolute) and of any other trainable parameter (a head): ``lr``,
+        or, when A's rate is weight- or gradient-scaled (``lr`` None), the pinned
+        :data:`WEIGHT_SCALED_OTHERS_LR`."""
+        return self.lr if self.lr is not None else WEIGHT_SCALED_OTHERS_LR
+
     def fora_config(self, **overrides: Any) -> FoRAConfig:
         settings = dict(
             budget=self.budget,
@@ -93,9 +100,8 @@ class MethodContext:
             stiefel_lr=self.stiefel_lr or FoRAConfig().stiefel_lr,
             relative_lr=self.relative_lr,
             modules_to_save=self.modules_to_save,
+            lr=self.others_lr,
         )
-        # None: A's rate is weight- or gradient-scaled; a head trains at the pinned rate
-        settings["lr"] = self.lr if self.lr is not None else WEIGHT_SCALED_OTHERS_LR
         settings.update(overrides)
         return FoRAConfig(**settings)
 
@@ -195,9 +201,7 @@ def _fora_like(
             info["matches_runner_fisher_top"] = info["selected_blocks"] == _fisher_top(
                 plan, context
             )
-        lr, stiefel_lr = context.lr, context.stiefel_lr
-        if lr is None and context.relative_lr is not None:
-            lr = WEIGHT_SCALED_OTHERS_LR  # the head's rate; each layer's A follows its weight
+        lr, stiefel_lr = context.others_lr, context.stiefel_lr  # A's own when rates are absolute
         if context.gradient_lr is not None:  # one rate from A's gradient at initialisation
             lr = gradient_scaled_rate(adapted, context.calibration, context.gradient_lr)
             stiefel_lr = stiefel_lr or lr
