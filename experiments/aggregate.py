@@ -108,6 +108,10 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "relative_lr": members[0].get("relative_lr"),
             "gradient_lr": members[0].get("gradient_lr"),
             "gradient_rate": [m.get("method_info", {}).get("gradient_rate") for m in members],
+            "estimated_lr": members[0].get("estimated_lr"),
+            "estimated_rate": [
+                (m.get("method_info", {}).get("estimated_rate") or [None])[-1] for m in members
+            ],  # the final estimate of each seed
             "trainable_parameters": members[0]["trainable_parameters"],
             "steps": members[0]["steps"],
             "train_seconds": statistics.fmean(m["seconds"]["train"] for m in members),
@@ -139,6 +143,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             a_rate = f"{row['lr']:g}"
         elif row["relative_lr"] is not None:
             a_rate = f"{row['relative_lr']:g} x RMS(W)"
+        elif row.get("estimated_lr") is not None:  # mean over the seeds' final estimates
+            final = statistics.fmean(row["estimated_rate"])
+            a_rate = f"{row['estimated_lr']:g} x d, final d = {final:.2g}"
         else:  # the gradient-scaled rate: c / sqrt(g), mean over the seeds' rates
             rates = row["gradient_rate"]
             a_rate = f"{row['gradient_lr']:g} / sqrt(g) = {statistics.fmean(rates):.2g}"

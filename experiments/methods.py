@@ -7,7 +7,9 @@ parameter) and ``"stiefel"`` (lr for A and other parameters, ``stiefel_lr`` for 
 ``relative_lr``, A's rate ``relative_lr * RMS(W)`` per layer, ``FoRAConfig.relative_lr``; or,
 with ``gradient_lr``, one rate ``gradient_lr / sqrt(g)`` for A, the head and, unless
 ``stiefel_lr`` is given, B, from the calibration batches' gradient of A at initialisation,
-``experiments.rates.gradient_scaled_rate``).
+``experiments.rates.gradient_scaled_rate``; or, with ``estimated_lr``, A and any head at
+``estimated_lr`` times a rate estimated while training, ``fora_optimizer(distance_estimate=True)``,
+B at ``stiefel_lr``).
 
 | method | blocks | init | optimiser |
 |---|---|---|---|
@@ -73,6 +75,7 @@ class MethodContext:
     stiefel_lr: float | None = None
     relative_lr: float | None = None
     gradient_lr: float | None = None
+    estimated_lr: float | None = None
     r: int = 32
     alpha: float = 64.0
     dropout: float = 0.05
@@ -206,6 +209,14 @@ def _fora_like(
             lr = gradient_scaled_rate(adapted, context.calibration, context.gradient_lr)
             stiefel_lr = stiefel_lr or lr
             info["gradient_rate"] = lr
+        if optimizer == "stiefel" and context.estimated_lr is not None:
+            stiefel = fora_optimizer(
+                adapted,
+                lr=context.estimated_lr,
+                stiefel_lr=stiefel_lr,
+                distance_estimate=True,
+            )
+            return adapted, stiefel, info
         if optimizer == "stiefel":
             stiefel = fora_optimizer(
                 adapted, lr=lr, stiefel_lr=stiefel_lr, relative_lr=context.relative_lr

@@ -5,7 +5,9 @@ A learning-rate family lists its rates under ``learning_rates``: ``"adamw"`` pla
 ``"stiefel"`` ``[A, B]`` pairs, where A is a rate, ``{"relative": c}`` (A's rate ``c * RMS(W)``
 per adapted layer, ``FoRAConfig.relative_lr``) or ``{"gradient": c}`` (one rate
 ``c / sqrt(g)`` from the free factors' gradient at initialisation,
-``experiments.rates.gradient_scaled_rate``; B may then be ``null``: B and any head share it).
+``experiments.rates.gradient_scaled_rate``; B may then be ``null``: B and any head share it)
+or ``{"estimated": c}`` (A and any head at ``c`` times Prodigy's rate estimated while training,
+``fora_optimizer(distance_estimate=True)``; B at its own rate).
 With ``learning_rates_from`` each method runs at the rates that its sweep configs chose on their
 validation split.
 """
@@ -57,6 +59,7 @@ class RunSpec:
     label: str  # method name, with an lr suffix when the family's lr is swept
     relative_lr: float | None = None
     gradient_lr: float | None = None
+    estimated_lr: float | None = None  # the multiplier of the estimated rate
 
     def filename(self) -> str:
         task = self.task.replace(":", "-")
@@ -92,7 +95,9 @@ def load_config(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: learning_rates['adamw'] takes plain rates, got {value!r}")
     for value in config["learning_rates"].get("stiefel", []):
         a_rate = value[0] if isinstance(value, list) and len(value) == 2 else None
-        if isinstance(a_rate, dict) and set(a_rate) not in ({"relative"}, {"gradient"}):
+        if isinstance(a_rate, dict) and set(a_rate) not in (
+            {"relative"}, {"gradient"}, {"estimated"}
+        ):  # fmt: skip
             a_rate = None
         if (
             a_rate is not None
@@ -103,15 +108,16 @@ def load_config(path: Path) -> dict[str, Any]:
         if a_rate is None:
             raise ValueError(
                 f"{path}: learning_rates['stiefel'] takes [A, B] pairs, A a rate, "
-                f'{{"relative": rate per unit of weight RMS}} or {{"gradient": c}} (B may then '
-                f"be null: tied to A's rate); got {value!r}"
+                f'{{"relative": rate per unit of weight RMS}}, {{"gradient": c}} (B may then '
+                "be null: tied to A's rate) or "
+                f'{{"estimated": c}}; got {value!r}'
             )
     return config
 
 
 def chosen_learning_rates(
     sweep: str | list[str], results: Path
-) -> dict[tuple[str, str, str], tuple[float | None, float | None, float | None, float | None]]:
+) -> dict[tuple[str, str, str], tuple[float | None, ...]]:
     """Per (model, task, method): the rates with the best validation metric in the sweep
     configs' results (one config's name or a list of them, e.g. a sweep and a re-run of its
     rates on more seeds; mean over all their seeds per rate; ties: the smaller rate).
@@ -131,7 +137,8 @@ def chosen_learning_rates(
     for record in records:
         key = (record["model"], record["task"], record["method"])
         rates = (
-            record["lr"], record["stiefel_lr"], record.get("relative_lr"), record.get("gradient_lr")
+            record["lr"], record["stiefel_lr"], record.get("relative_lr"),
+            record.get("gradient_lr"), record.get("estimated_lr"),
         )  # fmt: skip
         sign = 1.0 if record.get("higher_is_better", True) else -1.0
         scores.setdefault(key, {}).setdefault(rates, []).append(sign * record["after"])
@@ -164,12 +171,14 @@ def plan(config: dict[str, Any], results: Path = RESULTS) -> list[RunSpec]:
                         key = (model["name"], task["name"], method)
                         if key not in chosen:
                             raise ValueError(f"the sweep chose no rates for {key}")
-                        lr, slr, relative, gradient = chosen[key]
+                        lr, slr, relative, gradient, estimated = chosen[key]
                         a_rate = (
                             {"relative": relative}
                             if relative is not None
                             else {"gradient": gradient}
                             if gradient is not None
+                            else {"estimated": estimated}
+                            if estimated is not None
                             else lr
                         )
                         values = [[a_rate, slr]] if family == "stiefel" else [lr]
@@ -179,6 +188,7 @@ def plan(config: dict[str, Any], results: Path = RESULTS) -> list[RunSpec]:
                         )
                         relative = lr.get("relative") if isinstance(lr, dict) else None
                         gradient = lr.get("gradient") if isinstance(lr, dict) else None
+                        estimated = lr.get("estimated") if isinstance(lr, dict) else None
                         lr = None if isinstance(lr, dict) else float(lr)
                         label = method
                         # a validation run is a rate choice: its label always names its rates,
@@ -188,6 +198,8 @@ def plan(config: dict[str, Any], results: Path = RESULTS) -> list[RunSpec]:
                                 label += f"-lr{lr:g}"
                             elif relative is not None:
                                 label += f"-rlr{relative:g}"
+                            elif estimated is not None:
+                                label += f"-elr{estimated:g}"
                             else:
                                 label += f"-glr{gradient:g}"
                             label += f"-slr{stiefel_lr:g}" if stiefel_lr else ""
@@ -202,6 +214,7 @@ def plan(config: dict[str, Any], results: Path = RESULTS) -> list[RunSpec]:
                                 label,
                                 relative,
                                 gradient,
+                                estimated,
                             )
                         )
     return runs

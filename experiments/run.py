@@ -120,6 +120,7 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         stiefel_lr=spec.stiefel_lr,
         relative_lr=spec.relative_lr,
         gradient_lr=spec.gradient_lr,
+        estimated_lr=spec.estimated_lr,
         r=int(config["r"]),
         alpha=float(config["alpha"]),
         dropout=float(config["dropout"]),
@@ -127,6 +128,15 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         modules_to_save=head_modules(group.base) or None,  # a new classifier head trains too
     )
     model, optimizer, info = build_method(spec.method, copy.deepcopy(group.base), context)
+    if any(g.get("distance_estimate") for g in optimizer.param_groups):
+        # the rate estimated after each step (the step uses the one before); the groups are
+        # read at each step: accelerate reloads the state dict, which replaces the group dicts
+        trajectory = info["estimated_rate"] = []
+        optimizer.register_step_post_hook(
+            lambda stepped, *_: trajectory.append(
+                max(g["distance"] for g in stepped.param_groups if g.get("distance_estimate"))
+            )
+        )
     built = time.perf_counter()
     plan = TrainingPlan(
         steps=int(config["steps"]),
@@ -158,6 +168,7 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         "stiefel_lr": spec.stiefel_lr,
         "relative_lr": spec.relative_lr,
         "gradient_lr": spec.gradient_lr,
+        "estimated_lr": spec.estimated_lr,
         "metric": metric,
         "split": group.split,
         "higher_is_better": group.task.higher_is_better,

@@ -109,6 +109,7 @@ def fora_optimizer(
     stiefel_lr: float | None = None,
     *,
     relative_lr: float | None = None,
+    distance_estimate: bool = False,
     stiefel_factor: str | None = None,
     retraction: str | None = None,
     adapter_name: str | None = None,
@@ -142,6 +143,12 @@ def fora_optimizer(
             when the rates are absolute.
         stiefel_lr: Stiefel learning rate of the constrained factors.
         relative_lr: the free factors' rate per unit of weight RMS.
+        distance_estimate: step the free factors and the other parameters with Prodigy's
+            estimated rate ``d`` (StiefelAdam's ``distance_estimate``,
+            :mod:`stiefel_peft.optim.distance`) instead of a fixed one; ``lr`` is then the
+            multiplier of ``d`` (default 1.0, not :data:`~stiefel_peft.fora.config.DEFAULT_LR`).
+            The constrained factors keep ``stiefel_lr``. An option, not the default: see
+            docs/results.md for how it compares with fixed rates.
         stiefel_factor: ``"B"`` or ``"A"``.
         retraction: a registered retraction.
         adapter_name: the adapter to train (default: the active one).
@@ -155,14 +162,24 @@ def fora_optimizer(
 
     Raises:
         ValueError: the adapter has no trainable constrained factor, or no FoRA settings and
-            no orthonormal factor; a rate is not positive; or a weight has no scale to follow
-            (:func:`~stiefel_peft.fora.rates.weight_rms`).
+            no orthonormal factor; a rate is not positive; a weight has no scale to follow
+            (:func:`~stiefel_peft.fora.rates.weight_rms`); or ``distance_estimate`` is not a
+            bool or comes with ``relative_lr``.
     """
+    if not isinstance(distance_estimate, bool):
+        raise ValueError(f"`distance_estimate` must be a bool, got {distance_estimate!r}")
+    if distance_estimate and relative_lr is not None:
+        raise ValueError(
+            "pass either `relative_lr` (rates scaled to the weights) or `distance_estimate=True` "
+            "(a rate estimated while training), not both"
+        )
     adapter = adapter_name if adapter_name is not None else active_adapter(model)
     config = _settings(model, adapter)
     if stiefel_factor is None:
         stiefel_factor = config.stiefel_factor if config else detect_stiefel_factor(model, adapter)
-    if relative_lr is None and lr is None:  # no rate given here: the settings decide
+    if distance_estimate:
+        lr = 1.0 if lr is None else lr  # the multiplier of the estimate
+    elif relative_lr is None and lr is None:  # no rate given here: the settings decide
         relative_lr = config.relative_lr if config else None
     if lr is None:
         lr = config.lr if config else DEFAULT_LR
@@ -212,6 +229,7 @@ def fora_optimizer(
         groups.append({
             "params": [p for _, p in others], "param_names": [n for n, _ in others],
             "stiefel": False, "lr": lr, "weight_decay": weight_decay,
+            **({"distance_estimate": True} if distance_estimate else {}),
         })  # fmt: skip
     if sharded is None:
         sharded = any(is_sharded(parameter) for _, parameter in constrained)

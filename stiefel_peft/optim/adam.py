@@ -9,8 +9,9 @@ import torch
 from torch.optim.adam import adam as torch_adam  # torch.optim deletes its submodule names
 
 from .base import StiefelOptimizer
-from .buckets import FRAME, SCALAR, SQUARE
+from .buckets import FRAME, SCALAR, SQUARE, is_distributed_tensor
 from .checks import check_beta, check_number
+from .distance import DistanceState, distance_adam_step
 from .functional import SECOND_MOMENTS, Reduce, StepOutcome, stiefel_adam_update
 
 __all__ = ["StiefelAdam"]
@@ -58,6 +59,13 @@ class StiefelAdam(StiefelOptimizer):
             exactly as it was, point and moments, and counted in
             ``state[param]["nonfinite_skips"]`` (no host sync); ``"raise"``: ``ValueError``
             before anything is changed (one host sync per step). See ``docs/optim.md``.
+        distance_estimate: Euclidean groups only (True in a Stiefel group raises): replace the
+            group's rate by Prodigy's running estimate ``d`` of the distance to a solution
+            (:mod:`stiefel_peft.optim.distance`); ``lr`` is then a multiplier of ``d`` (1.0 is
+            the method's own value; a schedule scales it as usual). The current ``d`` is
+            ``group["distance"]``, saved with the state. Off by default: such groups match
+            ``torch.optim.AdamW`` exactly.
+        initial_distance: the starting ``d`` of a ``distance_estimate`` group, > 0 (1e-6).
         maximize: ascend instead of descend.
         foreach: passed to torch's AdamW for Euclidean groups.
         fused: not supported; True raises ``ValueError``.
@@ -86,6 +94,8 @@ class StiefelAdam(StiefelOptimizer):
         stiefel: bool = True,
         check_every: int = 100,
         nonfinite: str = "skip",
+        distance_estimate: bool = False,
+        initial_distance: float = 1e-6,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -103,6 +113,8 @@ class StiefelAdam(StiefelOptimizer):
             "stiefel": stiefel,
             "check_every": check_every,
             "nonfinite": nonfinite,
+            "distance_estimate": distance_estimate,
+            "initial_distance": initial_distance,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -129,6 +141,17 @@ class StiefelAdam(StiefelOptimizer):
             raise ValueError(
                 f"`second_moment` must be one of {SECOND_MOMENTS}, got {group['second_moment']!r}"
             )
+        if not isinstance(group["distance_estimate"], bool):
+            raise ValueError(
+                f"`distance_estimate` must be a bool, got {group['distance_estimate']!r}"
+            )
+        if group["distance_estimate"] and group["stiefel"]:
+            raise ValueError(
+                "`distance_estimate=True` is for Euclidean groups (`stiefel=False`): the Stiefel "
+                "step's rate is a distance on the manifold already. Set it only in the groups of "
+                "free parameters"
+            )
+        check_number(group, "initial_distance", 0.0, low_open=True)
         if group["amsgrad"]:
             raise ValueError("`amsgrad=True` is not supported by StiefelAdam")
 
@@ -139,6 +162,9 @@ class StiefelAdam(StiefelOptimizer):
         return {"exp_avg": FRAME, "exp_avg_sq": second, "exp_avg_transport": SQUARE}
 
     def _euclidean_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        if group["distance_estimate"]:
+            self._distance_step(group, params)
+            return
         grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
         for param in params:
             if param.grad.is_sparse:
@@ -176,6 +202,59 @@ class StiefelAdam(StiefelOptimizer):
             eps=group["eps"],
             maximize=group["maximize"],
         )
+
+    def _distance_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """The Euclidean step of a ``distance_estimate`` group (one host sync)."""
+        state_lists: dict[str, list[torch.Tensor]] = {
+            "exp_avg": [], "exp_avg_sq": [], "initial": [], "gradient_sum": []
+        }  # fmt: skip
+        for param in params:
+            if param.grad.is_sparse:
+                raise RuntimeError("StiefelAdam does not support sparse gradients")
+            if is_distributed_tensor(param):
+                raise ValueError(
+                    f"parameter of shape {tuple(param.shape)} is a DTensor: `distance_estimate` "
+                    "sums over whole parameters and does not support sharded ones yet; set "
+                    "`distance_estimate=False` for this group"
+                )
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                for key in ("exp_avg", "exp_avg_sq", "gradient_sum"):
+                    state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["initial"] = param.detach().clone()
+            for key, values in state_lists.items():
+                values.append(state[key])
+        steps = {int(self.state[param]["step"]) for param in params}
+        if len(steps) != 1:
+            raise ValueError(
+                "every parameter of a `distance_estimate` group must have taken the same "
+                f"number of steps (found {sorted(steps)}): they share one estimate. Put "
+                "parameters that join later in a group of their own"
+            )
+        for param in params:
+            self.state[param]["step"] += 1
+        estimate = DistanceState(
+            group.get("distance", group["initial_distance"]), group.get("distance_numerator", 0.0)
+        )
+        beta1, beta2 = group["betas"]
+        distance_adam_step(
+            params,
+            [param.grad for param in params],
+            state_lists["exp_avg"],
+            state_lists["exp_avg_sq"],
+            state_lists["initial"],
+            state_lists["gradient_sum"],
+            estimate,
+            step=steps.pop() + 1,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+        group["distance"], group["distance_numerator"] = estimate.distance, estimate.numerator
 
     def _update_bucket(
         self,

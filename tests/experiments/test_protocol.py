@@ -94,7 +94,7 @@ def test_a_sweep_on_validation_chooses_the_rates_that_the_test_config_runs(tmp_p
         mine = [r for r in records if r["method"] == method]
         best = max(mine, key=lambda r: (r["after"], -r["lr"]))
         assert chosen[("tiny-llama", "synthetic_sentiment", method)] == (
-            best["lr"], best["stiefel_lr"], None, None
+            best["lr"], best["stiefel_lr"], None, None, None
         )  # fmt: skip
 
     final = _write(tmp_path, "final", {
@@ -103,9 +103,8 @@ def test_a_sweep_on_validation_chooses_the_rates_that_the_test_config_runs(tmp_p
     runs = protocol.plan(protocol.load_config(final), results)
     assert len(runs) == 4 and all("-lr" not in r.label for r in runs)
     for spec in runs:
-        assert (spec.lr, spec.stiefel_lr, spec.relative_lr, spec.gradient_lr) == chosen[
-            (spec.model, spec.task, spec.method)
-        ]
+        rates = (spec.lr, spec.stiefel_lr, spec.relative_lr, spec.gradient_lr, spec.estimated_lr)
+        assert rates == chosen[(spec.model, spec.task, spec.method)]
 
     for record_path in (results / "sweep").glob("*.json"):  # a sweep scored on test is refused
         record = json.loads(record_path.read_text())
@@ -143,7 +142,7 @@ def test_a_weight_scaled_a_rate_is_named_chosen_and_replayed(tmp_path: Path) -> 
                   "relative_lr": relative, "after": value, "split": "validation"}  # fmt: skip
         (folder / f"r{index}.json").write_text(json.dumps(record))
     assert protocol.chosen_learning_rates("chosen", tmp_path) == {
-        ("m", "t", "fora"): (None, 1e-3, 5e-3, None)
+        ("m", "t", "fora"): (None, 1e-3, 5e-3, None, None)
     }
     final = _write(tmp_path, "final", {**COMMON, "models": [{"name": "m", "source": "tiny_llama"}],
                                        "tasks": [{"name": "t"}], "methods": ["fora"],
@@ -193,6 +192,33 @@ def test_a_gradient_scaled_run_trains_records_its_rate_and_is_replayed(tmp_path:
     assert f"0.0001 / sqrt(g) = {rate:.2g}" in aggregate.markdown(rows)
 
 
+def test_an_estimated_rate_run_trains_records_its_trajectory_and_is_replayed(
+    tmp_path: Path,
+) -> None:
+    rates = {"stiefel": [[{"estimated": 1.0}, 1e-3]]}
+    config = _write(tmp_path, "estimated", {**COMMON, "methods": ["fora"], "steps": 6,
+                                            "learning_rates": rates,
+                                            "evaluate_on": "validation"})  # fmt: skip
+    results = tmp_path / "results"
+    assert (
+        run.main([str(config), "--device", "cpu", "--results", str(results), "--quiet"])["trained"]
+        == 1
+    )
+    (path,) = (results / "estimated").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["label"] == "fora-elr1-slr0.001"
+    assert (record["lr"], record["stiefel_lr"], record["estimated_lr"]) == (None, 1e-3, 1.0)
+    trajectory = record["method_info"]["estimated_rate"]
+    assert len(trajectory) == 6 and trajectory == sorted(trajectory)  # one per step, never down
+    assert trajectory[-1] > 1e-6  # it grew from StiefelAdam's initial_distance
+    final = _write(tmp_path, "final", {**COMMON, "methods": ["fora"], "seeds": [1],
+                                       "learning_rates_from": "estimated"})  # fmt: skip
+    (spec,) = protocol.plan(protocol.load_config(final), results)
+    assert (spec.lr, spec.stiefel_lr, spec.estimated_lr) == (None, 1e-3, 1.0)
+    rows = aggregate.summarise(aggregate.read_results([results / "estimated"]))
+    assert f"1 x d, final d = {trajectory[-1]:.2g} / 0.001" in aggregate.markdown(rows)
+
+
 @pytest.mark.parametrize(
     "rates",
     [
@@ -202,6 +228,7 @@ def test_a_gradient_scaled_run_trains_records_its_rate_and_is_replayed(tmp_path:
         {"adamw": [1e-3], "stiefel": [[5e-4, None]]},  # only a gradient-scaled A ties B to it
         {"adamw": [1e-3], "stiefel": [[{"relative": 5e-3}, None]]},
         {"adamw": [1e-3], "stiefel": [[{"gradient": 1e-4, "relative": 5e-3}, None]]},
+        {"adamw": [1e-3], "stiefel": [[{"estimated": 1.0}, None]]},  # B's rate stays explicit
     ],
 )
 def test_malformed_rate_entries_are_refused(tmp_path: Path, rates: dict) -> None:
@@ -218,7 +245,7 @@ def test_lower_is_better_metrics_choose_the_lowest(tmp_path: Path) -> None:
                   "after": value, "split": "validation", "higher_is_better": False}  # fmt: skip
         (folder / f"r{index}.json").write_text(json.dumps(record))
     assert protocol.chosen_learning_rates("sweep", tmp_path) == {
-        ("m", "t", "fora"): (2e-3, 2e-3, None, None)
+        ("m", "t", "fora"): (2e-3, 2e-3, None, None, None)
     }
 
 
@@ -238,9 +265,10 @@ def test_a_list_of_sweeps_pools_their_seeds_per_rate(tmp_path: Path) -> None:
         2e-3,
         None,
         None,
+        None,
     )
     pooled = protocol.chosen_learning_rates(["sweep", "seeds"], tmp_path)
-    assert pooled == {("m", "t", "fora"): (1e-3, 1e-3, None, None)}  # mean 0.805 against 0.71
+    assert pooled == {("m", "t", "fora"): (1e-3, 1e-3, None, None, None)}  # mean 0.805 against 0.71
     with pytest.raises(ValueError, match="'missing': no results"):
         protocol.chosen_learning_rates(["sweep", "missing"], tmp_path)
 

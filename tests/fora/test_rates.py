@@ -161,3 +161,31 @@ def test_weight_scaled_training_is_invariant_to_a_rescaled_layer() -> None:
     reference = _train(_adapted(_llama()), 8, **absolute)
     different = _train(_adapted(_rescaled(_llama(), 4.0)), 8, **absolute)
     assert not torch.allclose(different, reference, atol=1e-3, rtol=1e-3)
+
+
+def test_with_distance_estimate_the_free_factors_and_head_share_one_estimated_rate() -> None:
+    case = tiny_model_case("bert")
+    model = apply_fora(case.build(), 1.0, r=RANK, lora_dropout=0.0, relative_lr=5e-3)
+    optimizer = fora_optimizer(model, distance_estimate=True)  # the saved relative_lr yields
+    stiefel, free = optimizer.param_groups
+    assert stiefel["stiefel"] and stiefel["lr"] == DEFAULT_STIEFEL_LR
+    assert stiefel["distance_estimate"] is False
+    assert free["distance_estimate"] is True and free["lr"] == 1.0  # the multiplier of d
+    assert any("classifier" in name for name in free["param_names"])
+    assert fora_optimizer(model, lr=0.5, distance_estimate=True).param_groups[1]["lr"] == 0.5
+    batch = case.make_batch(batch_size=4, seq_len=8, seed=11)
+    losses = train_steps(model, optimizer, batch, 12)
+    assert losses[-1] < losses[0]
+    assert free["distance"] > free["initial_distance"]  # the estimate grew from 1e-6
+    for name, parameter in model.named_parameters():
+        if name.endswith("lora_B.default.weight"):
+            gram = parameter.detach().T @ parameter.detach()
+            torch.testing.assert_close(gram, torch.eye(RANK), atol=1e-4, rtol=0)
+
+
+def test_distance_estimate_is_refused_with_relative_lr_or_as_a_non_bool() -> None:
+    model = _adapted(_llama())
+    with pytest.raises(ValueError, match="either `relative_lr`"):
+        fora_optimizer(model, relative_lr=5e-3, distance_estimate=True)
+    with pytest.raises(ValueError, match="`distance_estimate` must be a bool"):
+        fora_optimizer(model, distance_estimate="yes")
