@@ -277,6 +277,16 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         help="learning rate of the Stiefel factor (lora_B with --stiefel-factor B)",
     )
     fora.add_argument(
+        "--lr-search",
+        type=positive_float,
+        nargs="+",
+        default=tuned.lr_search,
+        metavar="RATE",
+        help="train once per RATE (A's and B's rates tied) for the whole schedule and keep the "
+        "run with the lowest final training loss, instead of --lr / --stiefel-lr; costs about "
+        "one run per rate (docs/cli.md)",
+    )
+    fora.add_argument(
         "--train-examples",
         type=positive_int,
         default=tuned.train_examples,

@@ -70,6 +70,33 @@ def checkpoint_folder(path: str) -> Path:
     return folder
 
 
+def _check_lr_search(settings: FinetuneSettings) -> None:
+    """``--lr-search`` replaces the rates and trains every candidate without checkpoints."""
+    rates = settings.lr_search or []
+    if len(rates) < 2 or len(set(rates)) != len(rates):
+        raise UsageError(f"--lr-search needs at least two distinct rates, got {rates}")
+    library = FinetuneSettings()
+    clashes = [
+        option
+        for option, given, default in (
+            ("--lr", settings.lr, library.lr),
+            ("--stiefel-lr", settings.stiefel_lr, library.stiefel_lr),
+            ("--relative-lr", settings.relative_lr, library.relative_lr),
+            ("--resume", settings.resume, None),
+            ("--save-every", settings.save_every, None),
+            ("--eval-every", settings.eval_every, None),
+        )
+        if given != default
+    ]
+    if clashes:
+        raise UsageError(
+            f"--lr-search chooses the rates itself and trains each candidate without "
+            f"checkpoints or evaluations: drop {', '.join(clashes)}, or drop --lr-search"
+        )
+    if process_count() > 1:
+        raise UsageError("--lr-search runs in one process; start it without torchrun")
+
+
 def check(settings: DataSettings, command: str) -> None:
     """The checks argparse cannot do; raise :class:`UsageError` with one line.
 
@@ -96,6 +123,8 @@ def check(settings: DataSettings, command: str) -> None:
                 f"--batch-size {settings.batch_size} must be a multiple of the "
                 f"{process_count()} processes"
             )
+        if settings.lr_search is not None:
+            _check_lr_search(settings)
         if settings.resume is not None:
             resume_into = checkpoint_folder(settings.resume).parent
             settings.resume = str(checkpoint_folder(settings.resume))

@@ -21,6 +21,7 @@ import torch
 from stiefel_peft.cli.assets import load_model
 from stiefel_peft.cli.memory import PhaseMemory
 from stiefel_peft.cli.options import Interrupted
+from stiefel_peft.cli.rate_search import search_rates
 from stiefel_peft.cli.settings import FinetuneSettings
 from stiefel_peft.cli.trainer import TrainingPlan, fit
 from stiefel_peft.cli.training import calibration_batches
@@ -144,12 +145,20 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
         eval_every=settings.eval_every if data.heldout else None,
     )  # fmt: skip
     with memory.phase("train"):
-        result = fit(
-            model, fora_optimizer(model), data.train, collate, plan, output, device=device,
-            evaluate=lambda m: {"accuracy": heldout_accuracy() or 0.0},
-            resume=resume, copy_into_checkpoints=[output / "run_config.json"],
-            interruptible=True, progress=not settings.quiet and main,
-        )  # fmt: skip
+        if settings.lr_search:  # one run per rate; the held-out examples are not read
+            search = search_rates(
+                model, settings.lr_search, data.train, collate, plan, output, device=device,
+                progress=not settings.quiet, say=say,
+            )  # fmt: skip
+            result = search.result
+            report.extra["lr_search"] = search.to_dict()
+        else:
+            result = fit(
+                model, fora_optimizer(model), data.train, collate, plan, output, device=device,
+                evaluate=lambda m: {"accuracy": heldout_accuracy() or 0.0},
+                resume=resume, copy_into_checkpoints=[output / "run_config.json"],
+                interruptible=True, progress=not settings.quiet and main,
+            )  # fmt: skip
     mark = timed("train", mark)
     if result.interrupted:
         raise Interrupted(
@@ -166,6 +175,8 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     _save(model, report, settings, data, output, before, after, result, seconds, memory,
           tokens_per_pass)  # fmt: skip
     delta = "" if before is None or after is None else f" ({100 * (after - before):+.1f} points)"
+    if settings.lr_search:
+        delta += f" at lr {report.extra['lr_search']['chosen']:g}"
     print(
         f"accuracy {_points(before)} -> {_points(after)}{delta} | {report.adapter_parameters:,} "
         f"adapter parameters = {report.parameter_ratio:.2f}x LoRA on every block | "

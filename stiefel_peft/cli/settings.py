@@ -130,6 +130,9 @@ class FinetuneSettings(DataSettings):
         stiefel_lr: learning rate of the Stiefel factor.
         relative_lr: None, or ``lora_A``'s rate per unit of the adapted weight's RMS
             (``FoRAConfig.relative_lr``, off by default).
+        lr_search: None, or the rates to try: one full-length run per rate (A's and B's rates
+            tied), keeping the lowest final training loss
+            (:mod:`stiefel_peft.cli.rate_search`); ``lr`` and ``stiefel_lr`` are then unused.
         train_examples: use at most this many training examples.
     """
 
@@ -152,6 +155,7 @@ class FinetuneSettings(DataSettings):
     lr: float = _LIBRARY.lr
     stiefel_lr: float = _LIBRARY.stiefel_lr
     relative_lr: float | None = _LIBRARY.relative_lr
+    lr_search: list[float] | None = None
     train_examples: int | None = None
 
     def fora_config(self) -> FoRAConfig:

@@ -1,0 +1,160 @@
+"""``finetune --lr-search``: the rate check that docs/fora.md recommends, as one option.
+
+No fixed rate for FoRA's free factor is within 2 points of the best on every task of the
+quality study (docs/results.md, round 2, item 3): the best rates are 8 times apart. Among each
+task's swept rates, the one with the lowest final training loss was within 2 points of the best
+on all seven cells, and it needs no held-out split. So the search trains the adapter once per
+candidate rate, for the full schedule, from the same start (the same blocks, the same initial
+factors, the same data order and dropout seed), with A's and B's rates tied as in the study,
+and keeps the run whose training loss ends lowest: the mean of the last :data:`LOSS_WINDOW`
+logged losses (a run whose loss is not finite never wins). The held-out examples are not read.
+A quarter-length search was tested and failed one cell in seven, so every candidate runs the
+full schedule: the search costs about one run per rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stiefel_peft.cli.trainer import FitResult, TrainingPlan, fit
+from stiefel_peft.fora import fora_optimizer
+from stiefel_peft.fora.optimizer import active_adapter
+from stiefel_peft.fora.settings import attach_settings
+
+__all__ = ["LOSS_WINDOW", "SEARCH_FOLDER", "RateSearch", "final_loss", "search_rates"]
+
+LOSS_WINDOW = 5  # the logged losses averaged to judge a run (the study's choice)
+SEARCH_FOLDER = "lr_search"  # each candidate's metrics.jsonl: <output>/lr_search/lr-<rate>/
+
+
+@dataclass
+class RateSearch:
+    """What :func:`search_rates` tried and kept.
+
+    Attributes:
+        rates: the candidate rates, in the order tried (each for A and B).
+        final_losses: each run's mean of its last :data:`LOSS_WINDOW` logged losses.
+        chosen: the rate kept (lowest final loss; ties: the smaller rate).
+        result: the kept run's :class:`~stiefel_peft.cli.trainer.FitResult`.
+    """
+
+    rates: list[float]
+    final_losses: list[float]
+    chosen: float
+    result: FitResult
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record of the report (``fora_report.json``, ``extra["lr_search"]``)."""
+        return {
+            "rates": self.rates,
+            "final_losses": [loss if math.isfinite(loss) else None for loss in self.final_losses],
+            "chosen": self.chosen,
+            "loss_window": LOSS_WINDOW,
+        }
+
+
+def final_loss(losses: Sequence[float], window: int = LOSS_WINDOW) -> float:
+    """The mean of the last ``window`` losses (of all when fewer); ``inf`` when one of them
+    is not finite, so that a diverged run is never chosen.
+
+    Raises:
+        ValueError: ``losses`` is empty or ``window`` is below 1.
+    """
+    if window < 1:
+        raise ValueError(f"`window` must be >= 1, got {window}")
+    if not losses:
+        raise ValueError("a run logged no loss: train for at least one step per log")
+    tail = [float(loss) for loss in losses[-window:]]
+    return sum(tail) / len(tail) if all(math.isfinite(loss) for loss in tail) else math.inf
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: parameter.detach().clone()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+
+
+def _restore(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in values:
+                parameter.copy_(values[name])
+
+
+def search_rates(
+    model: nn.Module,
+    rates: Sequence[float],
+    examples: Sequence[dict[str, Any]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    plan: TrainingPlan,
+    output: Path,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    say: Callable[[str], None] = print,
+) -> RateSearch:
+    """Train ``model``'s FoRA adapter once per rate and leave it trained at the chosen one.
+
+    Each run starts from the adapter's current weights, calls
+    ``fit(model, fora_optimizer(model, lr=rate, stiefel_lr=rate), ...)`` on ``plan`` without
+    checkpoints or evaluations, and writes its ``metrics.jsonl`` under
+    ``output / SEARCH_FOLDER / f"lr-{rate:g}"``. The adapter's saved settings
+    (``fora_config.json``) get the chosen rate. Memory: two copies of the trainable weights
+    (the start and the best run so far).
+
+    Args:
+        model: a FoRA peft model (``apply_fora``), not yet trained.
+        rates: at least two distinct positive rates.
+        examples, collate: the training examples and their collator (as for ``fit``).
+        plan: the training plan of every run.
+        output: the run's folder.
+        device: where the model is.
+        progress: show each run's progress bar.
+        say: where one line per run is written.
+
+    Raises:
+        ValueError: fewer than two distinct rates, or a rate that is not a positive number.
+        RuntimeError: every run ended with a non-finite loss.
+    """
+    candidates = [float(rate) for rate in rates]
+    if len(set(candidates)) < 2 or len(set(candidates)) != len(candidates):
+        raise ValueError(f"`rates` must hold at least two distinct rates, got {list(rates)}")
+    if not all(math.isfinite(rate) and rate > 0 for rate in candidates):
+        raise ValueError(f"every rate must be a positive finite number, got {list(rates)}")
+    start = _trainable(model)
+    quiet_plan = replace(plan, save_every=None, eval_every=None)
+    losses: list[float] = []
+    best: tuple[float, float, dict[str, torch.Tensor], FitResult] | None = None
+    for rate in candidates:
+        _restore(model, start)
+        optimizer = fora_optimizer(model, lr=rate, stiefel_lr=rate)
+        result = fit(
+            model, optimizer, examples, collate, quiet_plan,
+            output / SEARCH_FOLDER / f"lr-{rate:g}", device=device, progress=progress,
+        )  # fmt: skip
+        loss = final_loss(result.losses)
+        losses.append(loss)
+        say(f"lr {rate:g}: final training loss {loss:.4f} (mean of the last {LOSS_WINDOW})")
+        if best is None or (loss, rate) < (best[0], best[1]):
+            best = (loss, rate, _trainable(model), result)
+    if best is None or not math.isfinite(best[0]):
+        raise RuntimeError(
+            f"every rate of the search ({', '.join(f'{r:g}' for r in candidates)}) ended with a "
+            "non-finite training loss; try smaller rates"
+        )
+    _, chosen, weights, result = best
+    _restore(model, weights)
+    adapter = active_adapter(model)
+    config = model.fora_configs[adapter].with_overrides(lr=chosen, stiefel_lr=chosen)
+    attach_settings(model, adapter, config, model.fora_reports.get(adapter))
+    say(f"lr search: keeping {chosen:g} (lowest final training loss)")
+    return RateSearch(candidates, losses, chosen, result)

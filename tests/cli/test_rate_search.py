@@ -1,0 +1,110 @@
+"""``finetune --lr-search``: one full run per rate, the lowest final training loss kept."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from stiefel_peft.cli import main
+from stiefel_peft.cli import rate_search as rate_search_module
+from stiefel_peft.cli.rate_search import LOSS_WINDOW, SEARCH_FOLDER, final_loss, search_rates
+from stiefel_peft.cli.trainer import FitResult, TrainingPlan
+from stiefel_peft.fora import FoRAReport, apply_fora
+from tests.tiny_models import tiny_model_case
+
+
+def _arguments(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", "--model", str(model), "--data", str(data), "--text-column", "review",
+        "--label-column", "sentiment", "--heldout", "30", "--batch-size", "8", "--rank", "4",
+        "--calibration-examples", "16", "--max-length", "24", "--steps", "6",
+        "--output", str(output), "--quiet", "--no-plot", *extra,
+    ]  # fmt: skip
+
+
+def test_final_loss_is_the_mean_of_the_last_window_and_a_diverged_run_never_wins() -> None:
+    assert final_loss([9.0, 1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(3.0)
+    assert final_loss([2.0, 4.0]) == pytest.approx(3.0)  # fewer than the window: all of them
+    assert final_loss([1.0, 2.0, 3.0], window=1) == 3.0
+    assert final_loss([1.0, float("nan"), 1.0]) == math.inf
+    with pytest.raises(ValueError, match="logged no loss"):
+        final_loss([])
+    with pytest.raises(ValueError, match="window"):
+        final_loss([1.0], window=0)
+    assert LOSS_WINDOW == 5  # the study's choice (docs/results.md, item 3)
+
+
+def test_the_search_keeps_the_run_a_plain_run_at_the_chosen_rate_gives(
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path
+) -> None:
+    searched = tmp_path / "searched"
+    search_options = ("--lr-search", "1e-3", "3e-2")
+    assert main(_arguments(tiny_model_folder, tiny_csv, searched, *search_options)) == 0
+    report = FoRAReport.load(searched)
+    search = report.extra["lr_search"]
+    assert search["rates"] == [1e-3, 3e-2] and search["loss_window"] == LOSS_WINDOW
+    losses = search["final_losses"]
+    assert search["chosen"] == search["rates"][losses.index(min(losses))]
+    for rate in ("0.001", "0.03"):  # every candidate's training log, no checkpoint
+        folder = searched / SEARCH_FOLDER / f"lr-{rate}"
+        assert (folder / "metrics.jsonl").is_file()
+        assert not list(folder.glob("checkpoint-*"))
+    saved = json.loads((searched / "fora_config.json").read_text())
+    saved = saved.get("config", saved)
+    assert saved["lr"] == saved["stiefel_lr"] == search["chosen"]
+    # Every candidate started where a plain run starts: the kept adapter is the plain run's.
+    chosen = f"{search['chosen']:g}"
+    plain = tmp_path / "plain"
+    arguments = ("--lr", chosen, "--stiefel-lr", chosen)
+    assert main(_arguments(tiny_model_folder, tiny_csv, plain, *arguments)) == 0
+    first = load_file(searched / "adapter_model.safetensors")
+    second = load_file(plain / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) <= 1e-6
+    assert report.extra["last_losses"] == FoRAReport.load(plain).extra["last_losses"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--lr-search", "1e-3"), "at least two distinct rates"),
+        (("--lr-search", "1e-3", "1e-3"), "at least two distinct rates"),
+        (("--lr-search", "1e-3", "2e-3", "--lr", "5e-4"), "drop --lr"),
+        (("--lr-search", "1e-3", "2e-3", "--relative-lr", "5e-3"), "drop --relative-lr"),
+        (("--lr-search", "1e-3", "2e-3", "--save-every", "2"), "drop --save-every"),
+        (("--lr-search", "1e-3", "2e-3", "--eval-every", "2"), "drop --eval-every"),
+    ],
+)
+def test_clashing_options_stop_with_one_line_before_anything_runs(
+    tiny_model_folder: Path,
+    tiny_csv: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
+    message: str,
+) -> None:
+    output = tmp_path / "run"
+    assert main(_arguments(tiny_model_folder, tiny_csv, output, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_a_search_where_every_run_diverges_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = apply_fora(tiny_model_case("llama").build(seed=0), 1.0, r=4, lora_dropout=0.0)
+
+    def diverged(*_, **__) -> FitResult:
+        return FitResult(losses=[1.0, float("inf")], step=2, interrupted=False, checkpoint=None)
+
+    monkeypatch.setattr(rate_search_module, "fit", diverged)
+    with pytest.raises(RuntimeError, match="non-finite training loss; try smaller rates"):
+        search_rates(model, [1e-3, 2e-3], [], None, TrainingPlan(steps=2), tmp_path, say=print)
+    with pytest.raises(ValueError, match="two distinct rates"):
+        search_rates(model, [1e-3], [], None, TrainingPlan(steps=2), tmp_path)
+    with pytest.raises(ValueError, match="positive finite"):
+        search_rates(model, [1e-3, -1.0], [], None, TrainingPlan(steps=2), tmp_path)
