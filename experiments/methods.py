@@ -209,17 +209,14 @@ def _fora_like(
             lr = gradient_scaled_rate(adapted, context.calibration, context.gradient_lr)
             stiefel_lr = stiefel_lr or lr
             info["gradient_rate"] = lr
-        if optimizer == "stiefel" and context.estimated_lr is not None:
-            stiefel = fora_optimizer(
-                adapted,
-                lr=context.estimated_lr,
-                stiefel_lr=stiefel_lr,
-                distance_estimate=True,
-            )
-            return adapted, stiefel, info
+        estimated = context.estimated_lr is not None  # lr: the multiplier of the estimate
         if optimizer == "stiefel":
             stiefel = fora_optimizer(
-                adapted, lr=lr, stiefel_lr=stiefel_lr, relative_lr=context.relative_lr
+                adapted,
+                lr=context.estimated_lr if estimated else lr,
+                stiefel_lr=stiefel_lr,
+                relative_lr=context.relative_lr,
+                distance_estimate=estimated,
             )
             if context.relative_lr is not None:  # the rates the weights gave each layer's A
                 rates = [

@@ -126,7 +126,7 @@ def search_rates(
         RuntimeError: every run ended with a non-finite loss.
     """
     candidates = [float(rate) for rate in rates]
-    if len(set(candidates)) < 2 or len(set(candidates)) != len(candidates):
+    if len(candidates) < 2 or len(set(candidates)) != len(candidates):
         raise ValueError(f"`rates` must hold at least two distinct rates, got {list(rates)}")
     if not all(math.isfinite(rate) and rate > 0 for rate in candidates):
         raise ValueError(f"every rate must be a positive finite number, got {list(rates)}")
