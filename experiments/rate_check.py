@@ -1,0 +1,167 @@
+# ruff: noqa: E501  (markdown table rows read better unwrapped)
+"""The rate check by training loss, read from the study's runs (docs/results.md, item 3).
+
+    python -m experiments.rate_check experiments/results/round2_leg_counting_sweep \
+        experiments/results/round2_leg_counting_seeds [more result folders or files]
+
+Per (model, task, split) it takes FoRA's tied runs (A's and B's rates equal, no rate rule) and
+gives each rate's mean held-out metric and mean final training loss over its seeds. The final
+loss is the mean of a run's last logged losses, the number ``stiefel-peft finetune
+--lr-search`` compares (:func:`stiefel_peft.cli.rate_search.final_loss`). Three picks follow:
+
+- **best**: the best mean metric among the rates run on the most seeds (the full seed set);
+- **loss, one seed**: the lowest final loss on the cell's first seed alone, what one search
+  sees;
+- **loss, mean**: the lowest mean final loss among the rates run on the full seed set;
+
+and each pick's shortfall from the best, on the mean over the full seed set (points for a
+fraction, perplexity as is). A pick run on fewer seeds has no shortfall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from experiments.aggregate import read_results
+from stiefel_peft.cli.rate_search import final_loss
+
+__all__ = ["cell_checks", "markdown", "tied_runs"]
+
+
+def tied_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FoRA's runs at one fixed rate for A and B (no weight-, gradient- or estimate-based rule)."""
+    return [
+        result
+        for result in results
+        if result["method"] == "fora"
+        and result.get("lr") is not None
+        and result.get("stiefel_lr") == result["lr"]
+        and result.get("relative_lr") is None
+        and result.get("gradient_lr") is None
+        and result.get("estimated_lr") is None
+    ]
+
+
+def _shortfall(best: float, value: float, higher_is_better: bool) -> float:
+    return best - value if higher_is_better else value - best
+
+
+def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (model, task, split) with tied runs: its rates and the three picks.
+
+    Each entry holds ``rates`` (rate -> ``{"seeds", "metric", "loss", "first_loss"}``, the
+    means over the rate's seeds and the final loss on the first seed, or None without it),
+    ``seeds`` (the full seed set), ``best``, ``loss_one_seed`` and ``loss_mean`` (rates) and
+    ``shortfall`` (rate -> shortfall from the best, for the rates run on the full seed set).
+
+    Raises:
+        ValueError: a run has no logged losses (from :func:`final_loss`).
+    """
+    cells: dict[tuple[str, str, str], dict[float, list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for result in tied_runs(results):
+        key = (result["model"], result["task"], result.get("split", "test"))
+        cells[key][float(result["lr"])].append(result)
+    entries = []
+    for (model, task, split), by_rate in sorted(cells.items()):
+        higher_is_better = next(iter(by_rate.values()))[0]["higher_is_better"]
+        seeds = max((tuple(sorted(r["seed"] for r in runs)) for runs in by_rate.values()), key=len)
+        first_seed = min(r["seed"] for runs in by_rate.values() for r in runs)
+        rates: dict[float, dict[str, Any]] = {}
+        for rate, runs in sorted(by_rate.items()):
+            losses = {r["seed"]: final_loss(r["last_losses"]) for r in runs}
+            rates[rate] = {
+                "seeds": tuple(sorted(losses)),
+                "metric": statistics.fmean(float(r["after"]) for r in runs),
+                "loss": statistics.fmean(losses.values()),
+                "first_loss": losses.get(first_seed),
+            }
+        full = [rate for rate, row in rates.items() if set(seeds) <= set(row["seeds"])]
+        sign = 1.0 if higher_is_better else -1.0
+        best = max(full, key=lambda rate: sign * rates[rate]["metric"])
+        one_seed = [rate for rate in rates if rates[rate]["first_loss"] is not None]
+        entries.append(
+            {
+                "model": model,
+                "task": task,
+                "split": split,
+                "metric": next(iter(by_rate.values()))[0]["metric"],
+                "higher_is_better": higher_is_better,
+                "seeds": seeds,
+                "first_seed": first_seed,
+                "rates": rates,
+                "best": best,
+                "loss_one_seed": min(one_seed, key=lambda rate: rates[rate]["first_loss"]),
+                "loss_mean": min(full, key=lambda rate: rates[rate]["loss"]),
+                "shortfall": {
+                    rate: _shortfall(rates[best]["metric"], rates[rate]["metric"], higher_is_better)
+                    for rate in full
+                },
+            }
+        )
+    return entries
+
+
+def _scale(entry: dict[str, Any]) -> tuple[float, int]:
+    """Points for a fraction (x 100, one decimal), perplexity as is (two decimals)."""
+    return (1.0, 2) if entry["metric"] == "perplexity" else (100.0, 1)
+
+
+def markdown(entries: list[dict[str, Any]]) -> str:
+    """One table per cell (rate, seeds, metric, final loss, first seed's final loss,
+    shortfall) and a line with the three picks and their shortfalls."""
+    if not entries:
+        return "_No tied FoRA runs._"
+    blocks = []
+    for entry in entries:
+        scale, digits = _scale(entry)
+
+        def shortfall(rate: float, entry: dict[str, Any] = entry) -> str:
+            value = entry["shortfall"].get(rate)
+            if value is None:
+                return "n/a (fewer seeds)"
+            scale, digits = _scale(entry)
+            return f"{scale * value:.{digits}f}"
+
+        lines = [
+            f"{entry['model']} / {entry['task']} ({entry['split']}, full seed set {list(entry['seeds'])})",
+            "",
+            f"| rate | seeds | {entry['metric']} | final loss | final loss, seed {entry['first_seed']} | shortfall |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for rate, row in entry["rates"].items():
+            first = "" if row["first_loss"] is None else f"{row['first_loss']:.3f}"
+            lines.append(
+                f"| {rate:g} | {len(row['seeds'])} | {scale * row['metric']:.{digits}f} | "
+                f"{row['loss']:.3f} | {first} | {shortfall(rate)} |"
+            )
+        lines.append("")
+        lines.append(
+            f"best {entry['best']:g}; lowest final loss on seed {entry['first_seed']}: "
+            f"{entry['loss_one_seed']:g} (shortfall {shortfall(entry['loss_one_seed'])}); "
+            f"lowest mean final loss: {entry['loss_mean']:g} (shortfall {shortfall(entry['loss_mean'])})"
+        )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "folders", type=Path, nargs="+", help="result folders (results/<config>) or result files"
+    )
+    arguments = parser.parse_args(argv)
+    text = markdown(cell_checks(read_results(arguments.folders)))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""experiments.rate_check: the training-loss rate check read from result records."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from experiments import rate_check
+
+
+def record(rate: float, seed: int, after: float, losses: list[float], **extra: Any) -> dict:
+    return {
+        "model": "m",
+        "task": "t",
+        "split": "validation",
+        "method": "fora",
+        "label": f"fora-lr{rate:g}-slr{rate:g}",
+        "seed": seed,
+        "lr": rate,
+        "stiefel_lr": rate,
+        "relative_lr": None,
+        "gradient_lr": None,
+        "estimated_lr": None,
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "after": after,
+        "last_losses": losses,
+        **extra,
+    }
+
+
+def cell() -> list[dict]:
+    # rate -> (after, final losses) per seed 0, 1; 4e-3 has seed 0 only
+    runs = {
+        5e-4: [(0.70, [0.5] * 5), (0.72, [0.4] * 5)],
+        1e-3: [(0.80, [0.6] * 5), (0.78, [0.6] * 5)],
+        2e-3: [(0.60, [0.3] * 5), (0.50, [0.9] * 5)],
+        4e-3: [(0.90, [0.1] * 5)],
+    }
+    results = [
+        record(rate, seed, after, losses)
+        for rate, seeds in runs.items()
+        for seed, (after, losses) in enumerate(seeds)
+    ]
+    untied = record(1e-3, 0, 0.99, [0.01] * 5, stiefel_lr=2e-3, label="fora-lr0.001-slr0.002")
+    ruled = record(1e-3, 1, 0.99, [0.01] * 5, relative_lr=5e-3, lr=None, label="fora-rel")
+    lora = record(1e-3, 0, 0.99, [0.01] * 5, method="lora_r32_all", label="lora")
+    return [*results, untied, ruled, lora]
+
+
+def test_picks_and_shortfalls_of_a_cell() -> None:
+    (entry,) = rate_check.cell_checks(cell())
+    assert entry["seeds"] == (0, 1) and entry["first_seed"] == 0
+    assert set(entry["rates"]) == {5e-4, 1e-3, 2e-3, 4e-3}  # untied, ruled and LoRA left out
+    assert entry["best"] == 1e-3  # 4e-3 is better on seed 0 but has one seed
+    assert entry["loss_one_seed"] == 4e-3  # lowest seed-0 loss: 0.1
+    assert entry["loss_mean"] == 5e-4  # mean losses 0.45, 0.6, 0.6 on the full seed set
+    assert entry["shortfall"] == pytest.approx({5e-4: 0.08, 1e-3: 0.0, 2e-3: 0.24})
+    assert entry["rates"][2e-3]["loss"] == pytest.approx(0.6)
+    text = rate_check.markdown([entry])
+    assert "| 0.0005 | 2 | 71.0 | 0.450 | 0.500 | 8.0 |" in text
+    assert "| 0.004 | 1 | 90.0 | 0.100 | 0.100 | n/a (fewer seeds) |" in text
+    assert "lowest final loss on seed 0: 0.004 (shortfall n/a (fewer seeds))" in text
+    assert "lowest mean final loss: 0.0005 (shortfall 8.0)" in text
+
+
+def test_perplexity_is_better_lower_and_a_diverged_run_is_never_picked() -> None:
+    results = [
+        record(1e-3, 0, 21.0, [3.0] * 5, metric="perplexity", higher_is_better=False),
+        record(2e-3, 0, 20.0, [3.1] * 5, metric="perplexity", higher_is_better=False),
+        record(4e-3, 0, 90.0, [2.0, 2.0, 2.0, 2.0, math.nan], metric="perplexity",
+               higher_is_better=False),
+    ]  # fmt: skip
+    (entry,) = rate_check.cell_checks(results)
+    assert entry["best"] == 2e-3
+    assert entry["loss_one_seed"] == 1e-3 and entry["loss_mean"] == 1e-3
+    assert entry["shortfall"][1e-3] == pytest.approx(1.0)
+    assert "| 0.001 | 1 | 21.00 | 3.000 | 3.000 | 1.00 |" in rate_check.markdown([entry])
+
+
+def test_main_reads_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for index, result in enumerate(cell()[:7]):
+        (tmp_path / f"{index}.json").write_text(json.dumps(result))
+    text = rate_check.main([str(tmp_path)])
+    assert text in capsys.readouterr().out and "best 0.001;" in text
+    assert rate_check.markdown([]) == "_No tied FoRA runs._"
