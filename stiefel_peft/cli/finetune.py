@@ -176,7 +176,10 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
           tokens_per_pass)  # fmt: skip
     delta = "" if before is None or after is None else f" ({100 * (after - before):+.1f} points)"
     if settings.lr_search:
-        delta += f" at lr {report.extra['lr_search']['chosen']:g}"
+        search = report.extra["lr_search"]
+        delta += f" at lr {search['chosen']:g}"
+        if search["edge"] is not None:  # said even when --quiet: the grid may need extending
+            delta += f", the {search['edge']} rate tried: a better one may lie beyond it"
     print(
         f"accuracy {_points(before)} -> {_points(after)}{delta} | {report.adapter_parameters:,} "
         f"adapter parameters = {report.parameter_ratio:.2f}x LoRA on every block | "

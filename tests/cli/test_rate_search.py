@@ -11,7 +11,13 @@ from safetensors.torch import load_file
 
 from stiefel_peft.cli import main
 from stiefel_peft.cli import rate_search as rate_search_module
-from stiefel_peft.cli.rate_search import LOSS_WINDOW, SEARCH_FOLDER, final_loss, search_rates
+from stiefel_peft.cli.rate_search import (
+    LOSS_WINDOW,
+    SEARCH_FOLDER,
+    final_loss,
+    grid_edge,
+    search_rates,
+)
 from stiefel_peft.cli.trainer import FitResult, TrainingPlan
 from stiefel_peft.fora import FoRAReport, apply_fora
 from tests.tiny_models import tiny_model_case
@@ -38,17 +44,31 @@ def test_final_loss_is_the_mean_of_the_last_window_and_a_diverged_run_never_wins
     assert LOSS_WINDOW == 5  # the study's choice (docs/results.md, item 3)
 
 
+def test_grid_edge_names_a_pick_at_either_end_of_the_grid() -> None:
+    rates = [5e-4, 2.5e-4, 2e-3, 1e-3]  # the order tried does not matter
+    assert grid_edge(rates, 2.5e-4) == "lowest"
+    assert grid_edge(rates, 2e-3) == "highest"
+    assert grid_edge(rates, 5e-4) is None and grid_edge(rates, 1e-3) is None
+    with pytest.raises(ValueError, match="must be one of `rates`"):
+        grid_edge(rates, 3e-3)
+
+
 def test_the_search_keeps_the_run_a_plain_run_at_the_chosen_rate_gives(
-    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     searched = tmp_path / "searched"
     search_options = ("--lr-search", "1e-3", "3e-2")
     assert main(_arguments(tiny_model_folder, tiny_csv, searched, *search_options)) == 0
+    summary = capsys.readouterr().out  # --quiet still says that the pick is an end of the grid
+    assert "rate tried: a better one may lie beyond it" in summary
     report = FoRAReport.load(searched)
     search = report.extra["lr_search"]
     assert search["rates"] == [1e-3, 3e-2] and search["loss_window"] == LOSS_WINDOW
     losses = search["final_losses"]
     assert search["chosen"] == search["rates"][losses.index(min(losses))]
+    # two rates: the pick is an end of the grid, and the record and the summary say which
+    assert search["edge"] == ("lowest" if search["chosen"] == 1e-3 else "highest")
+    assert f"the {search['edge']} rate tried" in summary
     for rate in ("0.001", "0.03"):  # every candidate's training log, no checkpoint
         folder = searched / SEARCH_FOLDER / f"lr-{rate}"
         assert (folder / "metrics.jsonl").is_file()
@@ -108,3 +128,35 @@ def test_a_search_where_every_run_diverges_raises(
         search_rates(model, [1e-3], [], None, TrainingPlan(steps=2), tmp_path)
     with pytest.raises(ValueError, match="positive finite"):
         search_rates(model, [1e-3, -1.0], [], None, TrainingPlan(steps=2), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("best_rate", "edge", "advice"),
+    [(2.5e-4, "lowest", "with 0.000125 added"), (2e-3, "highest", "with 0.004 added"),
+     (5e-4, None, None)],
+)  # fmt: skip
+def test_a_pick_at_an_end_of_the_grid_names_the_rate_to_add(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    best_rate: float,
+    edge: str | None,
+    advice: str | None,
+) -> None:
+    model = apply_fora(tiny_model_case("llama").build(seed=0), 1.0, r=4, lora_dropout=0.0)
+
+    def by_rate(_model, optimizer, *_, **__) -> FitResult:  # the loss is lowest at best_rate
+        rate = optimizer.param_groups[0]["lr"]
+        loss = 1.0 + abs(math.log(rate / best_rate))
+        return FitResult(losses=[2.0, loss], step=2, interrupted=False, checkpoint=None)
+
+    monkeypatch.setattr(rate_search_module, "fit", by_rate)
+    lines: list[str] = []
+    grid = [2.5e-4, 5e-4, 1e-3, 2e-3]
+    search = search_rates(model, grid, [], None, TrainingPlan(steps=2), tmp_path, say=lines.append)
+    assert search.chosen == best_rate and search.edge == edge
+    assert search.to_dict()["edge"] == edge
+    advice_lines = [line for line in lines if "search again" in line]
+    if advice is None:
+        assert advice_lines == []
+    else:
+        assert len(advice_lines) == 1 and advice in advice_lines[0]
