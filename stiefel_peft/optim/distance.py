@@ -1,7 +1,7 @@
 """Adam with an estimated step size: Prodigy's distance estimate for Euclidean groups.
 
 A rate for a factor that starts at zero (FoRA's ``lora_A``) decides how far it gets in a
-schedule, and the quality study (docs/results.md, item 3) found the best fixed rate 8 times
+schedule, and the quality study (docs/results.md, item 3) found the best fixed rate 16 times
 apart between tasks. Prodigy (Mishchenko and Defazio 2023, "Prodigy: An Expeditiously Adaptive
 Parameter-Free Learner", Algorithm 4) replaces the rate by a running lower bound ``d`` on the
 distance from the start ``x0`` to a solution, read from the iterates and their gradients. With a
