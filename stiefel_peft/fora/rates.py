@@ -17,7 +17,7 @@ with its input scaled by ``1 / s``). This is Adafactor's parameter scaling (Shaz
 (``FoRAConfig.relative_lr``), not the default: in the quality study (docs/results.md, item 3)
 it came closer than any fixed rate on Gemma-3-270M (1.4 points short on arithmetic, where the
 default 1e-3 is 19.3 short), but an encoder (all-MiniLM-L6-v2, RMS ~0.07) wanted a larger rate
-than its small weights give, and over nine cells its worst shortfall (20.1, family
+than its small weights give, and over ten cells its worst shortfall (20.1, family
 relationships) is 0.8 points above the default's.
 """
 
