@@ -46,15 +46,18 @@ class RateSearch:
         final_losses: each run's mean of its last :data:`LOSS_WINDOW` logged losses.
         chosen: the rate kept (lowest final loss; ties: the smaller rate).
         result: the kept run's :class:`~stiefel_peft.cli.trainer.FitResult`.
-        edge: ``"lowest"`` or ``"highest"`` when ``chosen`` is an end of the grid
-            (:func:`grid_edge`), else None.
     """
 
     rates: list[float]
     final_losses: list[float]
     chosen: float
     result: FitResult
-    edge: str | None = None
+
+    @property
+    def edge(self) -> str | None:
+        """``"lowest"`` or ``"highest"`` when ``chosen`` is an end of the grid, else None
+        (:func:`grid_edge`)."""
+        return grid_edge(self.rates, self.chosen)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record of the report (``fora_report.json``, ``extra["lr_search"]``)."""
@@ -180,11 +183,11 @@ def search_rates(
     config = model.fora_configs[adapter].with_overrides(lr=chosen, stiefel_lr=chosen)
     attach_settings(model, adapter, config, model.fora_reports.get(adapter))
     say(f"lr search: keeping {chosen:g} (lowest final training loss)")
-    edge = grid_edge(candidates, chosen)
-    if edge is not None:
-        beyond, factor = ("below", 0.5) if edge == "lowest" else ("above", 2.0)
+    search = RateSearch(candidates, losses, chosen, result)
+    if search.edge is not None:
+        beyond, factor = ("below", 0.5) if search.edge == "lowest" else ("above", 2.0)
         say(
-            f"lr search: {chosen:g} is the {edge} rate tried, so a better one may lie {beyond} "
-            f"it: search again with {chosen * factor:g} added"
+            f"lr search: {chosen:g} is the {search.edge} rate tried, so a better one may lie "
+            f"{beyond} it: search again with {chosen * factor:g} added"
         )
-    return RateSearch(candidates, losses, chosen, result, edge)
+    return search
