@@ -4,7 +4,7 @@ No fixed rate for FoRA's free factor is within 2 points of the best on every tas
 study (docs/results.md, round 2, item 3): the best rates are 16 times apart. Among each task's
 swept rates, the one with the lowest final training loss was within 2 points of the best on all
 ten cells (on four of them predicted before their runs; a rate added later between two grid
-points beat it by 3.8 on one cell, with a tied loss), and it needs no held-out split. So the
+points beat it by 2.3 on one cell over 5 seeds, with a tied loss), and it needs no held-out split. So the
 search trains the adapter once per candidate rate, for the full schedule, from the same start
 (the same blocks, the same initial factors, the same data order and dropout seed), with A's and
 B's rates tied as in the study, and keeps the run whose training loss ends lowest: the mean of
