@@ -4,16 +4,16 @@ No fixed rate for FoRA's free factor is within 2 points of the best on every tas
 study (docs/results.md, round 2, item 3): the best rates are 16 times apart. Among each task's
 swept rates, the one with the lowest final training loss was within 2 points of the best on all
 ten cells (on four of them predicted before their runs; a rate added later between two grid
-points beat it by 2.3 on one cell over 5 seeds, with a tied loss), and it needs no held-out split. So the
-search trains the adapter once per candidate rate, for the full schedule, from the same start
-(the same blocks, the same initial factors, the same data order and dropout seed), with A's and
-B's rates tied as in the study, and keeps the run whose training loss ends lowest: the mean of
-the last :data:`LOSS_WINDOW` logged losses (a run whose loss is not finite never wins). The
-held-out examples are not read. A quarter-length search was tested and failed one cell in seven,
-so every candidate runs the full schedule: the search costs about one run per rate. A pick at
-the edge of the grid says that the best rate may lie beyond it (on Gemma-3-270M arithmetic the
-grid 2.5e-4 to 2e-3 picked 2.5e-4, 3.2 points short of 1.25e-4 below it), so the search names
-the rate to add.
+points beat it by 2.3 on one cell over 5 seeds, with a tied loss), and it needs no held-out
+split. So the search trains the adapter once per candidate rate, for the full schedule, from the
+same start (the same blocks, the same initial factors, the same data order and dropout seed),
+with A's and B's rates tied as in the study, and keeps the run whose training loss ends lowest:
+the mean of the last :data:`LOSS_WINDOW` logged losses (a run whose loss is not finite never
+wins). The held-out examples are not read. A quarter-length search was tested and failed one
+cell in seven, so every candidate runs the full schedule: the search costs about one run per
+rate. A pick at the edge of the grid says that the best rate may lie beyond it (on Gemma-3-270M
+arithmetic the grid 2.5e-4 to 2e-3 picked 2.5e-4, 3.2 points short of 1.25e-4 below it), so the
+search names the rate to add.
 """
 
 from __future__ import annotations
