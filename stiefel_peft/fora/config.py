@@ -28,7 +28,7 @@ BIASES = ("none", "all", "lora_only")
 # Gemma-3-270M and all-MiniLM-L6-v2 on Rotten Tomatoes), and still over ten after three cells
 # added to test it. No rate is within 2 points everywhere (the best rates are 16 times apart):
 # 1e-3 is 13.3 points short on family relationships, 7.7 on Gemma Rotten Tomatoes, 3.8 on leg
-# counting (best 1.4e-3, run last) and, out of sample, 19.3 on Gemma arithmetic (best 1.25e-4);
+# counting (best 1.4e-3, run later) and, out of sample, 19.3 on Gemma arithmetic (best 1.25e-4);
 # 5e-4 (the default until family relationships was added) falls 32.1 short there, 2e-3 23.1 and
 # 1.4e-3 21.1 on Gemma arithmetic. Not the paper's 2e-4 /
 # 1e-3: A starts at zero, so its rate decides how fast the adapter moves at all.
