@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "learning_rates_from": None,
     "evaluate_on": "test",
     "micro_batch_tokens": None,
+    "warmup": 0.1,  # the fraction of the steps in linear warm-up (stiefel_peft.cli.training)
 }
 
 
@@ -70,7 +71,8 @@ def load_config(path: Path) -> dict[str, Any]:
     """The config with defaults filled in; ``name`` defaults to the file's stem.
 
     Raises:
-        ValueError: an unknown key, method, or a learning-rate family without values.
+        ValueError: an unknown key, method, a learning-rate family without values, or a
+            ``warmup`` outside (0, 1].
     """
     raw = json.loads(Path(path).read_text())
     known = set(DEFAULTS) | {"name", "models", "tasks", "methods", "description"}
@@ -85,6 +87,8 @@ def load_config(path: Path) -> dict[str, Any]:
     bad = [m for m in config["methods"] if m not in METHODS]
     if bad:
         raise ValueError(f"{path}: unknown methods {bad}; known: {list(METHODS)}")
+    if not 0.0 < float(config["warmup"]) <= 1.0:
+        raise ValueError(f"{path}: warmup must be a fraction in (0, 1], got {config['warmup']}")
     if config["evaluate_on"] not in SPLITS:
         raise ValueError(f"{path}: evaluate_on must be one of {SPLITS}")
     for family in {METHODS[m].family for m in config["methods"]}:

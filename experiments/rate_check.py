@@ -28,12 +28,14 @@ from typing import Any
 
 from experiments.aggregate import read_results
 from stiefel_peft.cli.rate_search import final_loss
+from stiefel_peft.cli.training import WARMUP
 
 __all__ = ["cell_checks", "markdown", "tied_runs"]
 
 
 def tied_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """FoRA's runs at one fixed rate for A and B (no weight-, gradient- or estimate-based rule)."""
+    """FoRA's runs at one fixed rate for A and B (no weight-, gradient- or estimate-based rule)
+    under the usual schedule (the 10 % warm-up)."""
     return [
         result
         for result in results
@@ -43,6 +45,7 @@ def tied_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         and result.get("relative_lr") is None
         and result.get("gradient_lr") is None
         and result.get("estimated_lr") is None
+        and result.get("warmup", WARMUP) == WARMUP  # the usual schedule (older runs lack it)
     ]
 
 

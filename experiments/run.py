@@ -11,8 +11,8 @@ base model's held-out metric and the Fisher scores of the calibration set are co
 and cached under ``<results>/<config>/_cache``.
 All methods of a seed get the same data in the same order, the same steps and schedule: the
 command line's own training loop (``stiefel_peft.cli.trainer.fit`` on transformers' Trainer:
-length-grouped seeded batches, linear warm-up over 10 % of the steps, then sqrt decay;
-gradient clipping at 1.0).
+length-grouped seeded batches, linear warm-up over the config's ``warmup`` fraction of the
+steps (10 % unless it says otherwise), then sqrt decay; gradient clipping at 1.0).
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         batch_size=int(config["batch_size"]),
         micro_batch_tokens=config["micro_batch_tokens"],
         max_grad_norm=float(config["max_grad_norm"]),
+        warmup=float(config["warmup"]),
         seed=spec.seed,
     )
     trained_model, collate = group.task.training(model, group.collate)
@@ -186,6 +187,7 @@ def run_one(spec: RunSpec, group: Group, config: dict[str, Any], progress: bool)
         "delta_w_fro_mean": update["delta_w_fro_mean"],
         "adapted_layers": update["adapted_layers"],
         "steps": int(config["steps"]),
+        "warmup": float(config["warmup"]),
         "batch_size": config["batch_size"],
         "train_examples": len(group.task.train),
         "heldout_examples": len(group.task.split(group.split)),

@@ -38,7 +38,13 @@ from stiefel_peft.cli.callbacks import (
     tensorboard_callbacks,
 )
 from stiefel_peft.cli.loss import supervised_loss
-from stiefel_peft.cli.training import LengthGroupedBatches, schedule, split_by_tokens
+from stiefel_peft.cli.training import (
+    WARMUP,
+    LengthGroupedBatches,
+    schedule,
+    split_by_tokens,
+    warmup_steps,
+)
 
 __all__ = ["PRECISIONS", "FitResult", "TrainingPlan", "fit", "process_count"]
 
@@ -58,6 +64,8 @@ class TrainingPlan:
             process's share of a step is cut into consecutive row groups within this budget
             and their gradients accumulated (None: the whole share in one pass).
         max_grad_norm: gradient clipping (global norm).
+        warmup: the fraction of ``steps`` the schedule warms up over
+            (:func:`~stiefel_peft.cli.training.schedule`).
         seed: the data order, dropout and initialisation seed.
         precision: ``fp32``, ``bf16`` (CUDA or CPU autocast) or ``fp16`` (CUDA, with loss
             scaling).
@@ -70,6 +78,7 @@ class TrainingPlan:
     batch_size: int = 16
     micro_batch_tokens: int | None = None
     max_grad_norm: float = 1.0
+    warmup: float = WARMUP
     seed: int = 0
     precision: str = "fp32"
     save_every: int | None = None
@@ -241,8 +250,8 @@ def fit(
 
     Raises:
         ValueError: a batch that the process count does not divide, a token budget < 1,
-            fewer examples than one batch, an unknown precision, ``fp16`` without CUDA, or
-            ``eval_every`` without ``evaluate``.
+            fewer examples than one batch, an unknown precision, ``fp16`` without CUDA,
+            ``eval_every`` without ``evaluate``, or a warm-up fraction outside (0, 1].
     """
     if plan.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {plan.precision!r}")
@@ -258,6 +267,7 @@ def fit(
         )
     if plan.micro_batch_tokens is not None and plan.micro_batch_tokens < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {plan.micro_batch_tokens}")
+    warmup_steps(plan.steps, plan.warmup)  # refuses a fraction outside (0, 1] before training
     sampler = LengthGroupedBatches(examples, plan.batch_size, plan.batch_size, plan.seed)
     metrics = MetricsLog(output / METRICS_FILE if output is not None else None)
     interrupt = StopOnInterrupt()
@@ -276,7 +286,7 @@ def fit(
             args=arguments,
             train_dataset=list(examples),  # type: ignore[arg-type]
             data_collator=collate,
-            optimizers=(optimizer, schedule(optimizer, plan.steps)),
+            optimizers=(optimizer, schedule(optimizer, plan.steps, plan.warmup)),
             callbacks=callbacks,
             batch_sampler=sampler,
             tokens_per_pass=plan.micro_batch_tokens,

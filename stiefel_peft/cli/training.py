@@ -15,6 +15,7 @@ import torch
 from stiefel_peft.cli.encoding import ExampleCollator
 
 __all__ = [
+    "WARMUP",
     "LengthGroupedBatches",
     "calibration_batches",
     "length_grouped_order",
@@ -124,20 +125,35 @@ def calibration_batches(
     return batches
 
 
-def warmup_steps(steps: int) -> int:
-    """The warm-up length of :func:`schedule`: 10 % of the steps, at least one."""
-    return max(1, steps // 10)
+WARMUP = 0.1  # the fraction of the steps the schedule warms up over
 
 
-def schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over :func:`warmup_steps`, then square-root decay to 0 at ``steps``.
+def warmup_steps(steps: int, fraction: float = WARMUP) -> int:
+    """The warm-up length of :func:`schedule`: ``fraction`` of the steps (floored), at least one.
+
+    Raises:
+        ValueError: ``fraction`` is not in (0, 1].
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the warm-up fraction must be in (0, 1], got {fraction}")
+    return max(1, int(steps * fraction + 1e-9))
+
+
+def schedule(
+    optimizer: torch.optim.Optimizer, steps: int, warmup: float = WARMUP
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over :func:`warmup_steps` (``warmup`` of the steps), then square-root
+    decay to 0 at ``steps``.
 
     .. math:: \\eta_t = \\eta \\min(1, (t + 1) / w) \\sqrt{\\max(0, (T - t) / T)}
+
+    Raises:
+        ValueError: ``warmup`` is not in (0, 1].
     """
-    warmup = warmup_steps(steps)
+    length = warmup_steps(steps, warmup)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (steps - step) / steps) ** 0.5,
+        lambda step: min(1.0, (step + 1) / length) * max(0.0, (steps - step) / steps) ** 0.5,
     )
 
 

@@ -13,7 +13,14 @@ from stiefel_peft.cli.encoding import ExampleCollator, label_words_for
 from stiefel_peft.cli.files import load_classification_file
 from stiefel_peft.cli.loss import supervised_loss
 from stiefel_peft.cli.trainer import TrainingPlan, fit
-from stiefel_peft.cli.training import LengthGroupedBatches, calibration_batches, split_by_tokens
+from stiefel_peft.cli.training import (
+    WARMUP,
+    LengthGroupedBatches,
+    calibration_batches,
+    schedule,
+    split_by_tokens,
+    warmup_steps,
+)
 from stiefel_peft.fora import apply_fora, fora_optimizer
 
 TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
@@ -145,6 +152,33 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_adapter_and_logs_met
     assert resumed.losses == full.losses[3:]
 
 
+def test_the_default_warm_up_is_a_tenth_of_the_steps_floored_and_at_least_one() -> None:
+    assert WARMUP == 0.1
+    assert [warmup_steps(steps) for steps in range(1000)] == [
+        max(1, steps // 10) for steps in range(1000)
+    ]  # the schedule every stored run used, binary rounding absorbed (30 * 0.1 = 3.0000...4)
+    assert (warmup_steps(48, 0.5), warmup_steps(48, 1.0), warmup_steps(3, 0.2)) == (24, 48, 1)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, float("nan")])
+def test_a_warm_up_fraction_outside_zero_one_is_refused(fraction: float) -> None:
+    with pytest.raises(ValueError, match="warm-up fraction must be in \\(0, 1\\]"):
+        warmup_steps(48, fraction)
+
+
+def test_the_schedule_warms_up_linearly_over_its_fraction_then_decays_as_a_square_root() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = schedule(optimizer, steps=20, warmup=0.25)  # 5 warm-up steps
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [min(1.0, (t + 1) / 5) * ((20 - t) / 20) ** 0.5 for t in range(20)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[4] == pytest.approx(0.8**0.5)  # the peak, at the end of the warm-up (t = 4)
+
+
 def test_bad_plans_are_refused_before_training(tiny_model_folder: Path, tiny_csv: Path) -> None:
     model, examples, collate = _adapted(tiny_model_folder, tiny_csv)
     optimizer = fora_optimizer(model)
@@ -153,6 +187,7 @@ def test_bad_plans_are_refused_before_training(tiny_model_folder: Path, tiny_csv
         "precision must be one of": TrainingPlan(steps=1, batch_size=8, precision="fp8"),
         "fp16 needs CUDA": TrainingPlan(steps=1, batch_size=8, precision="fp16"),
         "needs an `evaluate`": TrainingPlan(steps=1, batch_size=8, eval_every=1),
+        "warm-up fraction must be in": TrainingPlan(steps=1, batch_size=8, warmup=0.0),
     }
     for message, plan in cases.items():
         with pytest.raises(ValueError, match=message):

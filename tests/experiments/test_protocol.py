@@ -168,6 +168,24 @@ def test_a_weight_scaled_run_trains_and_records_its_rates(tmp_path: Path) -> Non
     assert 0 < spread["min"] <= spread["mean"] <= spread["max"] < 1e-2  # RMS(W) < 1 here
 
 
+def test_a_config_warm_up_trains_under_it_and_is_recorded(tmp_path: Path) -> None:
+    assert protocol.DEFAULTS["warmup"] == 0.1  # the schedule of every run stored before the key
+    config = _write(tmp_path, "long_warmup", {**COMMON, "methods": ["fora"], "warmup": 0.5,
+                                              "learning_rates": {"stiefel": [[1e-3, 1e-3]]},
+                                              "evaluate_on": "validation"})  # fmt: skip
+    results = tmp_path / "results"
+    run.main([str(config), "--device", "cpu", "--results", str(results), "--quiet"])
+    (path,) = (results / "long_warmup").glob("*.json")
+    assert json.loads(path.read_text())["warmup"] == 0.5
+
+
+@pytest.mark.parametrize("warmup", [0, 1.5, -0.1])
+def test_a_warm_up_outside_zero_one_is_refused(tmp_path: Path, warmup: float) -> None:
+    config = _write(tmp_path, "bad", {**COMMON, "warmup": warmup})
+    with pytest.raises(ValueError, match="warmup must be a fraction in"):
+        protocol.load_config(config)
+
+
 def test_a_gradient_scaled_run_trains_records_its_rate_and_is_replayed(tmp_path: Path) -> None:
     rates = {"stiefel": [[{"gradient": 1e-4}, None]]}
     config = _write(tmp_path, "graded", {**COMMON, "methods": ["fora"], "learning_rates": rates,

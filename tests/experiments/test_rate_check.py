@@ -49,13 +49,17 @@ def cell() -> list[dict]:
     untied = record(1e-3, 0, 0.99, [0.01] * 5, stiefel_lr=2e-3, label="fora-lr0.001-slr0.002")
     ruled = record(1e-3, 1, 0.99, [0.01] * 5, relative_lr=5e-3, lr=None, label="fora-rel")
     lora = record(1e-3, 0, 0.99, [0.01] * 5, method="lora_r32_all", label="lora")
-    return [*results, untied, ruled, lora]
+    warmed = [record(8e-3, seed, 0.99, [0.01] * 5, warmup=0.5) for seed in (0, 1)]
+    results[0]["warmup"] = 0.1  # runs stored before the key have none: both are the usual one
+    return [*results, untied, ruled, lora, *warmed]
 
 
 def test_picks_and_shortfalls_of_a_cell() -> None:
     (entry,) = rate_check.cell_checks(cell())
     assert entry["seeds"] == (0, 1) and entry["first_seed"] == 0
-    assert set(entry["rates"]) == {5e-4, 1e-3, 2e-3, 4e-3}  # untied, ruled and LoRA left out
+    # untied, ruled, LoRA and the longer warm-up left out; the usual warm-up named is kept
+    assert set(entry["rates"]) == {5e-4, 1e-3, 2e-3, 4e-3}
+    assert entry["rates"][5e-4]["seeds"] == (0, 1)
     assert entry["best"] == 1e-3  # 4e-3 is better on seed 0 but has one seed
     assert entry["loss_one_seed"] == 4e-3  # lowest seed-0 loss: 0.1
     assert entry["loss_mean"] == 5e-4  # mean losses 0.45, 0.6, 0.6 on the full seed set
