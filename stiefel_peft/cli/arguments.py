@@ -33,7 +33,7 @@ from stiefel_peft.cli.settings import (
     FisherSettings,
 )
 from stiefel_peft.fisher import ESTIMATORS
-from stiefel_peft.fora import INITIALISATIONS, SELECTIONS
+from stiefel_peft.fora import DEFAULT_RELATIVE_LR, INITIALISATIONS, SELECTIONS
 from stiefel_peft.geometry import RETRACTIONS
 
 SETTINGS = {"finetune": FinetuneSettings, "fisher": FisherSettings}
@@ -261,14 +261,16 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         "--lr",
         type=positive_float,
         default=tuned.lr,
-        help="AdamW learning rate of the Euclidean factor (lora_A with --stiefel-factor B)",
+        help="one fixed AdamW learning rate for the Euclidean factor (lora_A with "
+        "--stiefel-factor B) instead of the weight-scaled default (docs/fora.md)",
     )
     fora.add_argument(
         "--relative-lr",
         type=positive_float,
         default=tuned.relative_lr,
         help="give the Euclidean factor of each layer the rate RELATIVE_LR x RMS of the weight "
-        "it adapts instead of --lr (off by default; docs/fora.md)",
+        f"it adapts (the default, at {DEFAULT_RELATIVE_LR:g}; with it, --lr is the rate of "
+        "any other trainable parameter; docs/fora.md)",
     )
     fora.add_argument(
         "--stiefel-lr",

@@ -126,10 +126,12 @@ class FinetuneSettings(DataSettings):
         save_every: write ``<output>/checkpoint-<step>/`` every this many steps.
         eval_every: score the held-out examples every this many steps (``metrics.jsonl``).
         resume: a ``checkpoint-<step>`` folder to continue from.
-        lr: AdamW learning rate of ``lora_A`` (and any other trainable parameter).
+        lr: None (the library's weight-scaled default), or one fixed AdamW learning rate
+            of ``lora_A`` and any other trainable parameter (``FoRAConfig.lr``).
         stiefel_lr: learning rate of the Stiefel factor.
         relative_lr: None, or ``lora_A``'s rate per unit of the adapted weight's RMS
-            (``FoRAConfig.relative_lr``, off by default).
+            (``FoRAConfig.relative_lr``; with neither rate given the library's
+            ``DEFAULT_RELATIVE_LR``).
         lr_search: None, or the rates to try: one full-length run per rate (A's and B's rates
             tied), keeping the lowest final training loss
             (:mod:`stiefel_peft.cli.rate_search`); ``lr`` and ``stiefel_lr`` are then unused.
@@ -152,7 +154,7 @@ class FinetuneSettings(DataSettings):
     save_every: int | None = None
     eval_every: int | None = None
     resume: str | None = None
-    lr: float = _LIBRARY.lr
+    lr: float | None = _LIBRARY.lr
     stiefel_lr: float = _LIBRARY.stiefel_lr
     relative_lr: float | None = _LIBRARY.relative_lr
     lr_search: list[float] | None = None

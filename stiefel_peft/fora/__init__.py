@@ -9,6 +9,7 @@ initialise (:func:`initialise_adapters`, a registry of named initialisations). S
 from stiefel_peft.fora.apply import apply_fora
 from stiefel_peft.fora.config import (
     DEFAULT_LR,
+    DEFAULT_RELATIVE_LR,
     DEFAULT_STIEFEL_LR,
     FoRAConfig,
     number_of_selected_blocks,
@@ -35,6 +36,7 @@ from stiefel_peft.fora.targets import DEFAULT_TARGET_SCHEMES
 
 __all__ = [
     "DEFAULT_LR",
+    "DEFAULT_RELATIVE_LR",
     "DEFAULT_STIEFEL_LR",
     "DEFAULT_TARGET_SCHEMES",
     "INITIALISATIONS",

@@ -3,8 +3,9 @@
 Defaults follow the paper (Park et al. 2026, see docs/fora.md): r = 32, alpha = 64 (scaling 2),
 dropout 0.05, adapters on q, k, v, up, down of the top half of the blocks by the per-example
 empirical Fisher, ``lora_B`` kept on the Stiefel manifold with the exact Cayley retraction;
-except the learning rates (:data:`DEFAULT_LR`, :data:`DEFAULT_STIEFEL_LR`), which are this
-module's alone: ``fora_optimizer``, the command line and the quality study read them here.
+except the learning rates (:data:`DEFAULT_RELATIVE_LR`, :data:`DEFAULT_LR`,
+:data:`DEFAULT_STIEFEL_LR`), which are this module's alone: ``fora_optimizer``, the command line
+and the quality study read them here.
 """
 
 from __future__ import annotations
@@ -17,25 +18,50 @@ from stiefel_peft.fisher import ESTIMATORS
 from stiefel_peft.fora.selection import SELECTIONS
 from stiefel_peft.geometry import RETRACTIONS
 
-__all__ = ["DEFAULT_LR", "DEFAULT_STIEFEL_LR", "FoRAConfig", "number_of_selected_blocks"]
+__all__ = [
+    "DEFAULT_LR",
+    "DEFAULT_RELATIVE_LR",
+    "DEFAULT_STIEFEL_LR",
+    "FoRAConfig",
+    "free_factor_rates",
+    "number_of_selected_blocks",
+]
 
 STIEFEL_FACTORS = ("B", "A")
 BIASES = ("none", "all", "lora_only")
-# The learning rates of the lora_A (AdamW) and constrained (Stiefel) groups, chosen on the
-# quality study's validation splits (docs/results.md, round 2, item 3): the tied rate whose worst
-# shortfall from each task's best is smallest over its first seven cells (SmolLM2-135M on
-# arithmetic, Rotten Tomatoes, leg counting, family relationships and language modelling;
-# Gemma-3-270M and all-MiniLM-L6-v2 on Rotten Tomatoes), and still over ten after three cells
-# added to test it. No rate is within 2 points everywhere (the best rates are 16 times apart):
-# 1e-3 is 13.3 points short on family relationships, 7.7 on Gemma Rotten Tomatoes, 3.8 on leg
-# counting (best 1.4e-3, run later) and, out of sample, 19.3 on Gemma arithmetic (best 1.25e-4);
-# 5e-4 (the default until family relationships was added) falls 32.1 short there, 2e-3 23.1 and
-# 1.4e-3 21.1 on Gemma arithmetic. Not the paper's 2e-4 /
-# 1e-3: A starts at zero, so its rate decides how fast the adapter moves at all.
+# The learning rates, chosen on the quality study's validation splits (docs/results.md, round 2,
+# item 3) by the smallest worst shortfall from each task's best configuration over its ten cells
+# (SmolLM2-135M on seven tasks, Gemma-3-270M on two, all-MiniLM-L6-v2 on one). The free factor
+# (lora_A when lora_B is constrained) steps at DEFAULT_RELATIVE_LR x RMS(W) of the weight each
+# layer adapts (stiefel_peft.fora.rates): 1.7e-3 on average for SmolLM2's layers, 2.9e-4 for
+# Gemma's, whose weights are five times smaller, and 1.7e-4 on weights of RMS 0.02 (LLaMA-7B
+# scale, near the paper's 2e-4). It is within 2 points of each cell's best configuration on 7
+# of the 10, and 2.1-2.2 short on the other three (Gemma Rotten Tomatoes, leg counting,
+# calendar arithmetic); the constant was chosen after the cells had been read at other rates,
+# so that is a fit, not a test. No fixed rate comes close: the best fixed rates are 16 times
+# apart, and 1e-3 (the default before) is 19.3 points short on Gemma arithmetic and 13.3 on
+# family relationships. DEFAULT_LR is the rate of any other trainable parameter (a classifier
+# head), and of the free factor when a fixed rate is asked for.
+DEFAULT_RELATIVE_LR = 8.5e-3
 DEFAULT_LR = 1e-3
 DEFAULT_STIEFEL_LR = 1e-3
 # peft LoRA settings that choose layers: FoRA chooses them itself
 LAYER_SELECTION = ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")
+
+
+def free_factor_rates(lr: float | None, relative_lr: float | None) -> tuple[float, float | None]:
+    """``(rate of the other trainable parameters, the free factor's rate per unit of RMS(W))``
+    from the rates asked for, ``None`` where the free factor's rate is ``lr`` itself:
+
+    - neither given: ``(DEFAULT_LR, DEFAULT_RELATIVE_LR)``, the weight-scaled default;
+    - ``lr`` alone: ``(lr, None)``, one fixed rate for the free factor and the rest;
+    - ``relative_lr`` given: ``(lr or DEFAULT_LR, relative_lr)``.
+    """
+    if relative_lr is not None:
+        return (DEFAULT_LR if lr is None else lr), relative_lr
+    if lr is not None:
+        return lr, None
+    return DEFAULT_LR, DEFAULT_RELATIVE_LR
 
 
 def number_of_selected_blocks(num_blocks: int, budget: float) -> int:
@@ -70,13 +96,15 @@ class FoRAConfig:
         calibration_batches: at most this many batches of the calibration data are scored
             (None: all of them).
         seed: seeds the orthonormal initialisation and the data-free fallback.
-        lr: AdamW learning rate of the free factor (``lora_A`` when ``lora_B`` is constrained)
-            and of any other trainable parameter (a classifier head).
+        lr: None (default), or one fixed AdamW learning rate for the free factor (``lora_A``
+            when ``lora_B`` is constrained) and any other trainable parameter (a classifier
+            head). With ``relative_lr`` set, only the other parameters'.
         stiefel_lr: learning rate of the constrained factor.
-        relative_lr: None (default), or the free factor's rate per unit of weight RMS: each
-            adapted layer's factor then steps at ``relative_lr * RMS(W)`` of the weight it
-            adapts (:mod:`stiefel_peft.fora.rates`), and ``lr`` is left to the other
-            trainable parameters.
+        relative_lr: the free factor's rate per unit of weight RMS: each adapted layer's
+            factor steps at ``relative_lr * RMS(W)`` of the weight it adapts
+            (:mod:`stiefel_peft.fora.rates`). With neither rate given (the default) it is
+            :data:`DEFAULT_RELATIVE_LR`, and the other parameters step at :data:`DEFAULT_LR`
+            (:func:`free_factor_rates`).
         init: a name in :data:`stiefel_peft.fora.initialise.INITIALISATIONS`:
             ``"orthonormal"`` (random frame), ``"gradient"`` (from the calibration gradient)
             or ``"peft"`` (peft's own, for LoRA baselines).
@@ -100,7 +128,7 @@ class FoRAConfig:
     stiefel_factor: str = "B"
     calibration_batches: int | None = 32
     seed: int = 0
-    lr: float = DEFAULT_LR
+    lr: float | None = None
     stiefel_lr: float = DEFAULT_STIEFEL_LR
     relative_lr: float | None = None
     init: str = "orthonormal"
@@ -155,7 +183,7 @@ class FoRAConfig:
             )
         for name in ("lr", "stiefel_lr", "relative_lr"):
             value = getattr(self, name)
-            if value is None and name == "relative_lr":
+            if value is None and name != "stiefel_lr":
                 continue
             if (
                 isinstance(value, bool)

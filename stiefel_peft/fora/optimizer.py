@@ -8,7 +8,12 @@ from typing import Any
 from torch import nn
 
 from stiefel_peft.distributed import ShardedStiefelAdam, is_sharded
-from stiefel_peft.fora.config import DEFAULT_LR, DEFAULT_STIEFEL_LR, STIEFEL_FACTORS, FoRAConfig
+from stiefel_peft.fora.config import (
+    DEFAULT_STIEFEL_LR,
+    STIEFEL_FACTORS,
+    FoRAConfig,
+    free_factor_rates,
+)
 from stiefel_peft.fora.rates import weight_scaled_rates
 from stiefel_peft.geometry import orthogonality_error
 from stiefel_peft.optim import StiefelAdam
@@ -133,20 +138,23 @@ def fora_optimizer(
     (``model.fora_configs[adapter]``, set by ``apply_fora`` or
     :func:`~stiefel_peft.fora.load_fora_adapter`); for an adapter reloaded with peft alone,
     the constrained factor read from its weights (:func:`detect_stiefel_factor`) and the
-    library defaults (:data:`~stiefel_peft.fora.config.DEFAULT_LR`,
-    :data:`~stiefel_peft.fora.config.DEFAULT_STIEFEL_LR`, ``"cayley"``). An ``lr`` argument
-    without ``relative_lr`` makes every rate absolute, whatever the settings say.
+    library defaults (the free factors at :data:`~stiefel_peft.fora.config.DEFAULT_RELATIVE_LR`
+    per unit of RMS(W), the rest at :data:`~stiefel_peft.fora.config.DEFAULT_LR`, the
+    constrained factors at :data:`~stiefel_peft.fora.config.DEFAULT_STIEFEL_LR`, ``"cayley"``;
+    :func:`~stiefel_peft.fora.config.free_factor_rates`). An ``lr`` argument without
+    ``relative_lr`` makes every rate absolute, whatever the settings say.
 
     Args:
         model: a ``PeftModel`` (or a DDP wrapper of one).
         lr: AdamW learning rate of the other trainable parameters, and of the free factors
-            when the rates are absolute.
+            when the rates are absolute (given without ``relative_lr``).
         stiefel_lr: Stiefel learning rate of the constrained factors.
-        relative_lr: the free factors' rate per unit of weight RMS.
+        relative_lr: the free factors' rate per unit of weight RMS (the default, at
+            :data:`~stiefel_peft.fora.config.DEFAULT_RELATIVE_LR`, when no rate is given).
         distance_estimate: step the free factors and the other parameters with Prodigy's
             estimated rate ``d`` (StiefelAdam's ``distance_estimate``,
             :mod:`stiefel_peft.optim.distance`) instead of a fixed one; ``lr`` is then the
-            multiplier of ``d`` (default 1.0, not :data:`~stiefel_peft.fora.config.DEFAULT_LR`).
+            multiplier of ``d`` (default 1.0, not a rate).
             The constrained factors keep ``stiefel_lr``. An option, not the default: see
             docs/results.md for how it compares with fixed rates.
         stiefel_factor: ``"B"`` or ``"A"``.
@@ -179,10 +187,10 @@ def fora_optimizer(
         stiefel_factor = config.stiefel_factor if config else detect_stiefel_factor(model, adapter)
     if distance_estimate:
         lr = 1.0 if lr is None else lr  # the multiplier of the estimate
-    elif relative_lr is None and lr is None:  # no rate given here: the settings decide
-        relative_lr = config.relative_lr if config else None
-    if lr is None:
-        lr = config.lr if config else DEFAULT_LR
+    else:
+        if relative_lr is None and lr is None and config:  # no rate given: the settings decide
+            lr, relative_lr = config.lr, config.relative_lr
+        lr, relative_lr = free_factor_rates(lr, relative_lr)
     stiefel_lr = (
         stiefel_lr
         if stiefel_lr is not None

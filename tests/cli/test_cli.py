@@ -186,14 +186,18 @@ def test_python_dash_m_and_help_list_every_option_with_defaults() -> None:
     assert "--estimator" in fisher_help.stdout
 
 
-def test_relative_lr_reaches_the_fora_config_and_is_off_by_default() -> None:
+def test_the_rates_reach_the_fora_config_and_default_to_the_library_rule() -> None:
     from stiefel_peft.cli.arguments import parse
+    from stiefel_peft.fora.config import free_factor_rates
 
     _, settings = parse(["finetune"])
-    assert settings.fora_config().relative_lr is None
+    config = settings.fora_config()
+    assert (config.lr, config.relative_lr) == (None, None)  # the library's weight-scaled default
     _, settings = parse(["finetune", "--relative-lr", "5e-3", "--lr", "1e-3"])
     config = settings.fora_config()
     assert (config.relative_lr, config.lr) == (5e-3, 1e-3)
+    _, settings = parse(["finetune", "--lr", "2e-4"])  # one fixed rate, as before the rule
+    assert free_factor_rates(settings.lr, settings.relative_lr) == (2e-4, None)
 
 
 def test_length_grouped_batches_cover_every_example_once_and_cut_padding() -> None:

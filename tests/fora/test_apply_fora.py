@@ -199,17 +199,19 @@ def test_config_round_trips_through_a_dict() -> None:
 def test_fora_optimizer_groups() -> None:
     model = _fora(tiny_model_case("bert"))
     optimizer = fora_optimizer(model, weight_decay=0.1)
-    stiefel_group, euclidean_group = optimizer.param_groups
+    stiefel_group, *factor_groups, head_group = optimizer.param_groups
     assert (
         stiefel_group["stiefel"]
         and stiefel_group["lr"] == DEFAULT_STIEFEL_LR
         and stiefel_group["weight_decay"] == 0
     )
-    assert not euclidean_group["stiefel"] and euclidean_group["lr"] == DEFAULT_LR
-    assert euclidean_group["weight_decay"] == 0.1
-    # The new classifier head of a sequence classifier is trained in the AdamW group.
+    # By default each free factor has its own weight-scaled rate (tests/fora/test_rates.py).
+    assert factor_groups and all(not g["stiefel"] for g in factor_groups)
+    assert all(g["weight_decay"] == 0.1 for g in (*factor_groups, head_group))
+    # The new classifier head of a sequence classifier is trained in the last AdamW group.
+    assert not head_group["stiefel"] and head_group["lr"] == DEFAULT_LR
     head = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
-    assert head and set(head) <= set(euclidean_group["param_names"])
+    assert head and set(head) == set(head_group["param_names"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     grouped = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert trainable == grouped

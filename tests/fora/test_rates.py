@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from peft import PeftModel
 from torch import nn
 
 from stiefel_peft.fora import (
     DEFAULT_LR,
+    DEFAULT_RELATIVE_LR,
     DEFAULT_STIEFEL_LR,
     FoRAConfig,
     apply_fora,
@@ -17,6 +19,7 @@ from stiefel_peft.fora import (
     weight_rms,
     weight_scaled_rates,
 )
+from stiefel_peft.fora.config import free_factor_rates
 from tests.tiny_models import tiny_model_case, train_steps
 
 RANK = 4
@@ -66,13 +69,33 @@ def test_bad_relative_rates_are_refused_everywhere(bad: float) -> None:
         FoRAConfig(relative_lr=bad)
 
 
-def test_by_default_every_free_factor_steps_at_lr() -> None:
-    model = _adapted(_llama())
-    assert model.fora_config.relative_lr is None
-    stiefel, free = fora_optimizer(model).param_groups
+def _assert_weight_scaled(model: nn.Module, groups: list[dict], relative_lr: float) -> None:
+    stiefel, *free = groups
     assert stiefel["stiefel"] and stiefel["lr"] == DEFAULT_STIEFEL_LR
-    assert not free["stiefel"] and free["lr"] == DEFAULT_LR
-    assert len(free["params"]) == len(_layers(model))
+    layers = _layers(model)
+    assert len(free) == len(layers)  # one group per adapted layer, nothing else trains
+    for group in free:
+        (name,) = group["param_names"]
+        assert not group["stiefel"] and name.endswith(".lora_A.default.weight")
+        layer = layers[name.removesuffix(".lora_A.default.weight")]
+        assert group["lr"] == pytest.approx(relative_lr * weight_rms(layer), rel=1e-12)
+    assert len({group["lr"] for group in free}) > 1  # the layers differ in scale
+
+
+def test_by_default_each_free_factor_steps_at_the_default_times_its_weight_rms() -> None:
+    assert free_factor_rates(None, None) == (DEFAULT_LR, DEFAULT_RELATIVE_LR)
+    model = _adapted(_llama())
+    assert (model.fora_config.lr, model.fora_config.relative_lr) == (None, None)
+    _assert_weight_scaled(model, fora_optimizer(model).param_groups, DEFAULT_RELATIVE_LR)
+
+
+def test_an_adapter_reloaded_with_peft_alone_gets_the_default_rates(tmp_path) -> None:
+    model = _adapted(_llama())
+    model.save_pretrained(tmp_path)  # peft's files and fora_config.json
+    (tmp_path / "fora_config.json").unlink()  # as if shared without the FoRA settings
+    reloaded = PeftModel.from_pretrained(_llama(), tmp_path, is_trainable=True)
+    assert not getattr(reloaded, "fora_configs", None)
+    _assert_weight_scaled(reloaded, fora_optimizer(reloaded).param_groups, DEFAULT_RELATIVE_LR)
 
 
 def test_with_relative_lr_each_layer_a_steps_at_that_times_its_weight_rms() -> None:
@@ -80,16 +103,15 @@ def test_with_relative_lr_each_layer_a_steps_at_that_times_its_weight_rms() -> N
         (_adapted(_llama()), {"relative_lr": 5e-3}),  # given to the optimizer
         (_adapted(_llama(), relative_lr=5e-3), {}),  # or saved in the adapter's settings
     ):
-        stiefel, *free = fora_optimizer(model, **options).param_groups
-        assert stiefel["stiefel"] and stiefel["lr"] == DEFAULT_STIEFEL_LR
-        layers = _layers(model)
-        assert len(free) == len(layers)  # one group per adapted layer, nothing else trains
-        for group in free:
-            (name,) = group["param_names"]
-            assert not group["stiefel"] and name.endswith(".lora_A.default.weight")
-            layer = layers[name.removesuffix(".lora_A.default.weight")]
-            assert group["lr"] == pytest.approx(5e-3 * weight_rms(layer), rel=1e-12)
-        assert len({group["lr"] for group in free}) > 1  # the layers differ in scale
+        _assert_weight_scaled(model, fora_optimizer(model, **options).param_groups, 5e-3)
+
+
+def test_a_fixed_lr_in_the_settings_makes_every_rate_absolute() -> None:
+    assert free_factor_rates(2e-4, None) == (2e-4, None)
+    model = _adapted(_llama(), lr=2e-4)
+    stiefel, free = fora_optimizer(model).param_groups
+    assert stiefel["lr"] == DEFAULT_STIEFEL_LR and free["lr"] == 2e-4
+    assert len(free["params"]) == len(_layers(model))
 
 
 def test_an_lr_given_to_the_optimizer_alone_makes_every_rate_absolute() -> None:
@@ -123,9 +145,12 @@ def test_the_relative_rate_round_trips_through_the_settings() -> None:
     config = FoRAConfig(relative_lr=2e-3)
     assert FoRAConfig.from_dict(config.to_dict()) == config
     assert config.with_overrides(lr=1e-3).relative_lr == 2e-3
-    # Settings saved before the option existed reload without it.
-    saved = {k: v for k, v in FoRAConfig().to_dict().items() if k != "relative_lr"}
-    assert FoRAConfig.from_dict(saved).relative_lr is None
+    # Settings saved before the option existed reload without it, at their fixed lr.
+    saved = {k: v for k, v in FoRAConfig(lr=1e-3).to_dict().items() if k != "relative_lr"}
+    assert (FoRAConfig.from_dict(saved).lr, FoRAConfig.from_dict(saved).relative_lr) == (
+        1e-3,
+        None,
+    )
 
 
 def _rescaled(model: nn.Module, scale: float) -> nn.Module:
