@@ -22,6 +22,7 @@ from typing import Any
 
 from experiments.methods import METHODS
 from experiments.tasks import SPLITS
+from stiefel_peft.cli.training import WARMUP
 
 __all__ = ["DEFAULTS", "RESULTS", "RunSpec", "chosen_learning_rates", "load_config", "plan"]
 
@@ -45,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "learning_rates_from": None,
     "evaluate_on": "test",
     "micro_batch_tokens": None,
-    "warmup": 0.1,  # the fraction of the steps in linear warm-up (stiefel_peft.cli.training)
+    "warmup": WARMUP,  # the fraction of the steps in linear warm-up, the command line's
 }
 
 
