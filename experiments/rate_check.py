@@ -16,6 +16,11 @@ loss is the mean of a run's last logged losses, the number ``stiefel-peft finetu
 
 and each pick's shortfall from the best, on the mean over the full seed set (points for a
 fraction, perplexity as is). A pick run on fewer seeds has no shortfall.
+
+Every other FoRA configuration of the cell under the usual schedule (a rate rule such as the
+library's weight-scaled default, or A's and B's rates apart) that ran on the full seed set is
+listed too, and the picks are also read against the best configuration of any kind: a search
+over fixed rates can be within 2 points of the best fixed rate and further from the default.
 """
 
 from __future__ import annotations
@@ -30,23 +35,51 @@ from experiments.aggregate import read_results
 from stiefel_peft.cli.rate_search import final_loss
 from stiefel_peft.cli.training import WARMUP
 
-__all__ = ["cell_checks", "markdown", "tied_runs"]
+__all__ = ["cell_checks", "markdown", "tied_runs", "usual_runs"]
+
+
+def usual_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FoRA's runs under the usual schedule (the 10 % warm-up), whatever their rates."""
+    return [
+        result
+        for result in results
+        if result["method"] == "fora"
+        and result.get("warmup", WARMUP) == WARMUP  # older runs lack the key: the usual one
+    ]
+
+
+def _is_tied(result: dict[str, Any]) -> bool:
+    return (
+        result.get("lr") is not None
+        and result.get("stiefel_lr") == result["lr"]
+        and result.get("relative_lr") is None
+        and result.get("gradient_lr") is None
+        and result.get("estimated_lr") is None
+    )
 
 
 def tied_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """FoRA's runs at one fixed rate for A and B (no weight-, gradient- or estimate-based rule)
     under the usual schedule (the 10 % warm-up)."""
-    return [
-        result
-        for result in results
-        if result["method"] == "fora"
-        and result.get("lr") is not None
-        and result.get("stiefel_lr") == result["lr"]
-        and result.get("relative_lr") is None
-        and result.get("gradient_lr") is None
-        and result.get("estimated_lr") is None
-        and result.get("warmup", WARMUP) == WARMUP  # the usual schedule (older runs lack it)
-    ]
+    return [result for result in usual_runs(results) if _is_tied(result)]
+
+
+def _others(
+    results: list[dict[str, Any]], cell: tuple[str, str, str], seeds: tuple[int, ...]
+) -> dict[str, float]:
+    """label -> mean metric over ``seeds`` of the cell's untied configurations run on all of
+    them (one reading per seed: :func:`experiments.aggregate.read_results` refuses two)."""
+    by_label: dict[str, dict[int, float]] = defaultdict(dict)
+    for result in usual_runs(results):
+        if (result["model"], result["task"], result.get("split", "test")) == cell and not (
+            _is_tied(result)
+        ):
+            by_label[result["label"]][result["seed"]] = float(result["after"])
+    return {
+        label: statistics.fmean(values[seed] for seed in seeds)
+        for label, values in sorted(by_label.items())
+        if set(seeds) <= set(values)
+    }
 
 
 def _shortfall(best: float, value: float, higher_is_better: bool) -> float:
@@ -58,8 +91,11 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Each entry holds ``rates`` (rate -> ``{"seeds", "metric", "loss", "first_loss"}``, the
     means over the rate's seeds and the final loss on the first seed, or None without it),
-    ``seeds`` (the full seed set), ``best``, ``loss_one_seed`` and ``loss_mean`` (rates) and
-    ``shortfall`` (rate -> shortfall from the best, for the rates run on the full seed set).
+    ``seeds`` (the full seed set), ``best``, ``loss_one_seed`` and ``loss_mean`` (rates),
+    ``shortfall`` (rate -> shortfall from the best, for the rates run on the full seed set),
+    ``others`` (label -> mean metric of each untied configuration run on the full seed set),
+    ``best_any`` (the best of those and the full-set rates, a label or a rate written with
+    ``:g``) and ``shortfall_any`` (each of them -> shortfall from ``best_any``).
 
     Raises:
         ValueError: a run has no logged losses (from :func:`final_loss`).
@@ -88,6 +124,9 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         sign = 1.0 if higher_is_better else -1.0
         best = max(full, key=lambda rate: sign * rates[rate]["metric"])
         one_seed = [rate for rate in rates if rates[rate]["first_loss"] is not None]
+        others = _others(results, (model, task, split), seeds)
+        candidates = {f"{rate:g}": rates[rate]["metric"] for rate in full} | others
+        best_any = max(candidates, key=lambda name: sign * candidates[name])
         entries.append(
             {
                 "model": model,
@@ -105,6 +144,12 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     rate: _shortfall(rates[best]["metric"], rates[rate]["metric"], higher_is_better)
                     for rate in full
                 },
+                "others": others,
+                "best_any": best_any,
+                "shortfall_any": {
+                    name: _shortfall(candidates[best_any], value, higher_is_better)
+                    for name, value in candidates.items()
+                },
             }
         )
     return entries
@@ -113,6 +158,30 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _scale(entry: dict[str, Any]) -> tuple[float, int]:
     """Points for a fraction (x 100, one decimal), perplexity as is (two decimals)."""
     return (1.0, 2) if entry["metric"] == "perplexity" else (100.0, 1)
+
+
+def _against_any(entry: dict[str, Any]) -> list[str]:
+    """The untied configurations and the picks read against the best of any kind (no lines
+    when the cell has no untied configuration on the full seed set)."""
+    if not entry["others"]:
+        return []
+    scale, digits = _scale(entry)
+    gap = entry["shortfall_any"]
+
+    def short(name: str) -> str:
+        return "n/a (fewer seeds)" if name not in gap else f"{scale * gap[name]:.{digits}f}"
+
+    listed = "; ".join(
+        f"{label} {scale * value:.{digits}f} (shortfall {short(label)})"
+        for label, value in entry["others"].items()
+    )
+    one_seed, mean = f"{entry['loss_one_seed']:g}", f"{entry['loss_mean']:g}"
+    return [
+        f"other configurations on the full seed set: {listed}",
+        f"best of any kind: {entry['best_any']}; from it, the lowest final loss on seed "
+        f"{entry['first_seed']} ({one_seed}) is {short(one_seed)} short, the lowest mean final "
+        f"loss ({mean}) {short(mean)}",
+    ]
 
 
 def markdown(entries: list[dict[str, Any]]) -> str:
@@ -149,6 +218,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
             f"{entry['loss_one_seed']:g} (shortfall {shortfall(entry['loss_one_seed'])}); "
             f"lowest mean final loss: {entry['loss_mean']:g} (shortfall {shortfall(entry['loss_mean'])})"
         )
+        lines.extend(_against_any(entry))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

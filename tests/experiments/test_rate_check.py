@@ -92,3 +92,27 @@ def test_main_reads_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     text = rate_check.main([str(tmp_path)])
     assert text in capsys.readouterr().out and "best 0.001;" in text
     assert rate_check.markdown([]) == "_No tied FoRA runs._"
+
+
+def test_picks_are_also_read_against_every_configuration() -> None:
+    # the weight-scaled rule on both seeds beats every fixed rate; the longer warm-up is left out
+    ruled = [
+        record(1e-3, seed, after, [0.7] * 5, relative_lr=8.5e-3, lr=None, stiefel_lr=1e-3,
+               label="fora-rlr0.0085-slr0.001")
+        for seed, after in ((0, 0.84), (1, 0.82))
+    ]  # fmt: skip
+    (entry,) = rate_check.cell_checks([*cell(), *ruled])
+    assert entry["best"] == 1e-3  # the fixed-rate reading is unchanged
+    assert entry["others"] == pytest.approx({"fora-rlr0.0085-slr0.001": 0.83})
+    assert entry["best_any"] == "fora-rlr0.0085-slr0.001"
+    assert entry["shortfall_any"] == pytest.approx(
+        {"0.0005": 0.12, "0.001": 0.04, "0.002": 0.28, "fora-rlr0.0085-slr0.001": 0.0}
+    )
+    text = rate_check.markdown([entry])
+    assert "other configurations on the full seed set: fora-rlr0.0085-slr0.001 83.0" in text
+    assert (
+        "best of any kind: fora-rlr0.0085-slr0.001; from it, the lowest final loss on seed 0 "
+        "(0.004) is n/a (fewer seeds) short, the lowest mean final loss (0.0005) 12.0" in text
+    )
+    (plain,) = rate_check.cell_checks(cell())  # one seed of a rule is not enough to be listed
+    assert plain["others"] == {} and "best of any kind" not in rate_check.markdown([plain])
