@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from experiments.aggregate import read_results
+from experiments.aggregate import interval_95, read_results
 from stiefel_peft.cli.rate_search import final_loss
 from stiefel_peft.cli.training import WARMUP
 
@@ -66,9 +66,9 @@ def tied_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _others(
     results: list[dict[str, Any]], cell: tuple[str, str, str], seeds: tuple[int, ...]
-) -> dict[str, float]:
-    """label -> mean metric over ``seeds`` of the cell's untied configurations run on all of
-    them (one reading per seed: :func:`experiments.aggregate.read_results` refuses two)."""
+) -> dict[str, dict[int, float]]:
+    """label -> seed -> metric, on ``seeds``, of the cell's untied configurations run on all
+    of them (one reading per seed: :func:`experiments.aggregate.read_results` refuses two)."""
     by_label: dict[str, dict[int, float]] = defaultdict(dict)
     for result in usual_runs(results):
         if (result["model"], result["task"], result.get("split", "test")) == cell and not (
@@ -76,9 +76,24 @@ def _others(
         ):
             by_label[result["label"]][result["seed"]] = float(result["after"])
     return {
-        label: statistics.fmean(values[seed] for seed in seeds)
+        label: {seed: values[seed] for seed in seeds}
         for label, values in sorted(by_label.items())
         if set(seeds) <= set(values)
+    }
+
+
+def _paired(
+    values: dict[int, float], best: dict[int, float], higher_is_better: bool
+) -> dict[str, Any]:
+    """The per-seed difference ``values - best``: its mean, 95 % interval and the seeds where
+    ``values`` is ahead (``"for"``) and behind (``"against"``)."""
+    differences = [values[seed] - best[seed] for seed in sorted(best)]
+    sign = 1.0 if higher_is_better else -1.0
+    return {
+        "mean": statistics.fmean(differences),
+        "interval_95": list(interval_95(differences)),
+        "for": sum(sign * difference > 0 for difference in differences),
+        "against": sum(sign * difference < 0 for difference in differences),
     }
 
 
@@ -95,7 +110,9 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ``shortfall`` (rate -> shortfall from the best, for the rates run on the full seed set),
     ``others`` (label -> mean metric of each untied configuration run on the full seed set),
     ``best_any`` (the best of those and the full-set rates, a label or a rate written with
-    ``:g``) and ``shortfall_any`` (each of them -> shortfall from ``best_any``).
+    ``:g``), ``shortfall_any`` (each of them -> shortfall from ``best_any``) and
+    ``paired_any`` (label -> its per-seed difference from ``best_any``: ``"mean"``,
+    ``"interval_95"`` and the seeds ``"for"`` and ``"against"`` it)
 
     Raises:
         ValueError: a run has no logged losses (from :func:`final_loss`).
@@ -125,7 +142,11 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         best = max(full, key=lambda rate: sign * rates[rate]["metric"])
         one_seed = [rate for rate in rates if rates[rate]["first_loss"] is not None]
         others = _others(results, (model, task, split), seeds)
-        candidates = {f"{rate:g}": rates[rate]["metric"] for rate in full} | others
+        per_seed = {
+            f"{rate:g}": {r["seed"]: float(r["after"]) for r in by_rate[rate] if r["seed"] in seeds}
+            for rate in full
+        } | others
+        candidates = {name: statistics.fmean(values.values()) for name, values in per_seed.items()}
         best_any = max(candidates, key=lambda name: sign * candidates[name])
         entries.append(
             {
@@ -144,7 +165,11 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     rate: _shortfall(rates[best]["metric"], rates[rate]["metric"], higher_is_better)
                     for rate in full
                 },
-                "others": others,
+                "others": {label: candidates[label] for label in others},
+                "paired_any": {
+                    label: _paired(others[label], per_seed[best_any], higher_is_better)
+                    for label in others
+                },
                 "best_any": best_any,
                 "shortfall_any": {
                     name: _shortfall(candidates[best_any], value, higher_is_better)
@@ -171,8 +196,18 @@ def _against_any(entry: dict[str, Any]) -> list[str]:
     def short(name: str) -> str:
         return "n/a (fewer seeds)" if name not in gap else f"{scale * gap[name]:.{digits}f}"
 
+    def paired(label: str) -> str:
+        row = entry["paired_any"][label]
+        low, high = (scale * bound for bound in row["interval_95"])
+        return (
+            f"paired {scale * row['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}], "
+            f"{row['for']} of {len(entry['seeds'])} seeds for it, {row['against']} against"
+        )
+
     listed = "; ".join(
-        f"{label} {scale * value:.{digits}f} (shortfall {short(label)})"
+        f"{label} {scale * value:.{digits}f} (shortfall {short(label)}"
+        + ("" if label == entry["best_any"] else f"; {paired(label)}")
+        + ")"
         for label, value in entry["others"].items()
     )
     one_seed, mean = f"{entry['loss_one_seed']:g}", f"{entry['loss_mean']:g}"

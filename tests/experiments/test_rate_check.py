@@ -101,15 +101,33 @@ def test_picks_are_also_read_against_every_configuration() -> None:
                label="fora-rlr0.0085-slr0.001")
         for seed, after in ((0, 0.84), (1, 0.82))
     ]  # fmt: skip
-    (entry,) = rate_check.cell_checks([*cell(), *ruled])
+    smaller = [
+        record(1e-3, seed, after, [0.7] * 5, relative_lr=5e-3, lr=None, stiefel_lr=1e-3,
+               label="fora-rlr0.005-slr0.001")
+        for seed, after in ((0, 0.80), (1, 0.83))
+    ]  # fmt: skip
+    (entry,) = rate_check.cell_checks([*cell(), *ruled, *smaller])
     assert entry["best"] == 1e-3  # the fixed-rate reading is unchanged
-    assert entry["others"] == pytest.approx({"fora-rlr0.0085-slr0.001": 0.83})
+    assert entry["others"] == pytest.approx(
+        {"fora-rlr0.005-slr0.001": 0.815, "fora-rlr0.0085-slr0.001": 0.83}
+    )
     assert entry["best_any"] == "fora-rlr0.0085-slr0.001"
     assert entry["shortfall_any"] == pytest.approx(
-        {"0.0005": 0.12, "0.001": 0.04, "0.002": 0.28, "fora-rlr0.0085-slr0.001": 0.0}
-    )
+        {"0.0005": 0.12, "0.001": 0.04, "0.002": 0.28, "fora-rlr0.0085-slr0.001": 0.0,
+         "fora-rlr0.005-slr0.001": 0.015}
+    )  # fmt: skip
+    # per-seed differences -0.04 and +0.01 from the best: t(1) = 12.706, std 0.0354
+    smaller_row = entry["paired_any"]["fora-rlr0.005-slr0.001"]
+    assert smaller_row["mean"] == pytest.approx(-0.015)
+    assert smaller_row["interval_95"] == pytest.approx([-0.3327, 0.3027], abs=1e-4)
+    assert (smaller_row["for"], smaller_row["against"]) == (1, 1)
+    assert entry["paired_any"]["fora-rlr0.0085-slr0.001"]["mean"] == 0.0
     text = rate_check.markdown([entry])
-    assert "other configurations on the full seed set: fora-rlr0.0085-slr0.001 83.0" in text
+    assert (
+        "other configurations on the full seed set: fora-rlr0.005-slr0.001 81.5 (shortfall 1.5; "
+        "paired -1.5 [-33.3, +30.3], 1 of 2 seeds for it, 1 against); "
+        "fora-rlr0.0085-slr0.001 83.0 (shortfall 0.0)" in text
+    )
     assert (
         "best of any kind: fora-rlr0.0085-slr0.001; from it, the lowest final loss on seed 0 "
         "(0.004) is n/a (fewer seeds) short, the lowest mean final loss (0.0005) 12.0" in text
