@@ -22,7 +22,7 @@ from typing import Any
 
 from experiments.methods import METHODS
 from experiments.tasks import SPLITS
-from stiefel_peft.cli.training import WARMUP
+from stiefel_peft.cli.training import WARMUP, warmup_steps
 
 __all__ = ["DEFAULTS", "RESULTS", "RunSpec", "chosen_learning_rates", "load_config", "plan"]
 
@@ -88,8 +88,10 @@ def load_config(path: Path) -> dict[str, Any]:
     bad = [m for m in config["methods"] if m not in METHODS]
     if bad:
         raise ValueError(f"{path}: unknown methods {bad}; known: {list(METHODS)}")
-    if not 0.0 < float(config["warmup"]) <= 1.0:
-        raise ValueError(f"{path}: warmup must be a fraction in (0, 1], got {config['warmup']}")
+    try:  # the command line's own check, so that a bad config fails when it loads
+        warmup_steps(1, float(config["warmup"]))  # the length does not matter here
+    except ValueError as error:
+        raise ValueError(f"{path}: `warmup`: {error}") from error
     if config["evaluate_on"] not in SPLITS:
         raise ValueError(f"{path}: evaluate_on must be one of {SPLITS}")
     for family in {METHODS[m].family for m in config["methods"]}:

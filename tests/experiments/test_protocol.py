@@ -182,7 +182,7 @@ def test_a_config_warm_up_trains_under_it_and_is_recorded(tmp_path: Path) -> Non
 @pytest.mark.parametrize("warmup", [0, 1.5, -0.1])
 def test_a_warm_up_outside_zero_one_is_refused(tmp_path: Path, warmup: float) -> None:
     config = _write(tmp_path, "bad", {**COMMON, "warmup": warmup})
-    with pytest.raises(ValueError, match="warmup must be a fraction in"):
+    with pytest.raises(ValueError, match="`warmup`: the warm-up fraction must be in"):
         protocol.load_config(config)
 
 
