@@ -21,6 +21,9 @@ Every other FoRA configuration of the cell under the usual schedule (a rate rule
 library's weight-scaled default, or A's and B's rates apart) that ran on the full seed set is
 listed too, and the picks are also read against the best configuration of any kind: a search
 over fixed rates can be within 2 points of the best fixed rate and further from the default.
+Each is given with its paired difference from that best (mean, 95 % interval, seeds for and
+against). ``--seeds 0 1 2`` reads every cell on exactly those seeds: a 3-seed reading taken
+again once some configurations have seeds 3 and 4.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +105,15 @@ def _shortfall(best: float, value: float, higher_is_better: bool) -> float:
     return best - value if higher_is_better else value - best
 
 
-def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def cell_checks(
+    results: list[dict[str, Any]], seeds: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
     """One entry per (model, task, split) with tied runs: its rates and the three picks.
+
+    ``seeds``, when given, are the full seed set of every cell, and runs on other seeds are
+    not read (to take a 3-seed reading again once more seeds exist); otherwise a cell's full
+    seed set is the largest of its tied rates'. Where no tied rate ran on the whole set,
+    ``best``, ``loss_mean`` and ``shortfall`` are None, None and empty.
 
     Each entry holds ``rates`` (rate -> ``{"seeds", "metric", "loss", "first_loss"}``, the
     means over the rate's seeds and the final loss on the first seed, or None without it),
@@ -112,11 +123,17 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ``best_any`` (the best of those and the full-set rates, a label or a rate written with
     ``:g``), ``shortfall_any`` (each of them -> shortfall from ``best_any``) and
     ``paired_any`` (label -> its per-seed difference from ``best_any``: ``"mean"``,
-    ``"interval_95"`` and the seeds ``"for"`` and ``"against"`` it)
+    ``"interval_95"`` and the seeds ``"for"`` and ``"against"`` it); ``best_any`` is None
+    when nothing ran on the whole set.
 
     Raises:
-        ValueError: a run has no logged losses (from :func:`final_loss`).
+        ValueError: a run has no logged losses (from :func:`final_loss`), or ``seeds`` is
+            empty.
     """
+    if seeds is not None:
+        if not seeds:
+            raise ValueError("`seeds` must name at least one seed, or be None")
+        results = [result for result in results if result["seed"] in set(seeds)]
     cells: dict[tuple[str, str, str], dict[float, list[dict[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -126,7 +143,11 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     entries = []
     for (model, task, split), by_rate in sorted(cells.items()):
         higher_is_better = next(iter(by_rate.values()))[0]["higher_is_better"]
-        seeds = max((tuple(sorted(r["seed"] for r in runs)) for runs in by_rate.values()), key=len)
+        full_set = (
+            tuple(sorted(set(seeds)))
+            if seeds is not None
+            else max((tuple(sorted(r["seed"] for r in runs)) for runs in by_rate.values()), key=len)
+        )
         first_seed = min(r["seed"] for runs in by_rate.values() for r in runs)
         rates: dict[float, dict[str, Any]] = {}
         for rate, runs in sorted(by_rate.items()):
@@ -137,17 +158,19 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "loss": statistics.fmean(losses.values()),
                 "first_loss": losses.get(first_seed),
             }
-        full = [rate for rate, row in rates.items() if set(seeds) <= set(row["seeds"])]
+        full = [rate for rate, row in rates.items() if set(full_set) <= set(row["seeds"])]
         sign = 1.0 if higher_is_better else -1.0
-        best = max(full, key=lambda rate: sign * rates[rate]["metric"])
+        best = max(full, key=lambda rate: sign * rates[rate]["metric"], default=None)
         one_seed = [rate for rate in rates if rates[rate]["first_loss"] is not None]
-        others = _others(results, (model, task, split), seeds)
+        others = _others(results, (model, task, split), full_set)
         per_seed = {
-            f"{rate:g}": {r["seed"]: float(r["after"]) for r in by_rate[rate] if r["seed"] in seeds}
+            f"{rate:g}": {
+                r["seed"]: float(r["after"]) for r in by_rate[rate] if r["seed"] in full_set
+            }
             for rate in full
         } | others
         candidates = {name: statistics.fmean(values.values()) for name, values in per_seed.items()}
-        best_any = max(candidates, key=lambda name: sign * candidates[name])
+        best_any = max(candidates, key=lambda name: sign * candidates[name], default=None)
         entries.append(
             {
                 "model": model,
@@ -155,15 +178,16 @@ def cell_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "split": split,
                 "metric": next(iter(by_rate.values()))[0]["metric"],
                 "higher_is_better": higher_is_better,
-                "seeds": seeds,
+                "seeds": full_set,
                 "first_seed": first_seed,
                 "rates": rates,
                 "best": best,
                 "loss_one_seed": min(one_seed, key=lambda rate: rates[rate]["first_loss"]),
-                "loss_mean": min(full, key=lambda rate: rates[rate]["loss"]),
+                "loss_mean": min(full, key=lambda rate: rates[rate]["loss"], default=None),
                 "shortfall": {
                     rate: _shortfall(rates[best]["metric"], rates[rate]["metric"], higher_is_better)
                     for rate in full
+                    if best is not None
                 },
                 "others": {label: candidates[label] for label in others},
                 "paired_any": {
@@ -210,9 +234,12 @@ def _against_any(entry: dict[str, Any]) -> list[str]:
         + ")"
         for label, value in entry["others"].items()
     )
+    lines = [f"other configurations on the full seed set: {listed}"]
+    if entry["loss_mean"] is None:
+        return [*lines, f"best of any kind: {entry['best_any']}"]
     one_seed, mean = f"{entry['loss_one_seed']:g}", f"{entry['loss_mean']:g}"
     return [
-        f"other configurations on the full seed set: {listed}",
+        *lines,
         f"best of any kind: {entry['best_any']}; from it, the lowest final loss on seed "
         f"{entry['first_seed']} ({one_seed}) is {short(one_seed)} short, the lowest mean final "
         f"loss ({mean}) {short(mean)}",
@@ -248,11 +275,14 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                 f"{row['loss']:.3f} | {first} | {shortfall(rate)} |"
             )
         lines.append("")
-        lines.append(
-            f"best {entry['best']:g}; lowest final loss on seed {entry['first_seed']}: "
-            f"{entry['loss_one_seed']:g} (shortfall {shortfall(entry['loss_one_seed'])}); "
-            f"lowest mean final loss: {entry['loss_mean']:g} (shortfall {shortfall(entry['loss_mean'])})"
-        )
+        if entry["best"] is None:
+            lines.append(f"no tied rate ran on every seed of {list(entry['seeds'])}")
+        else:
+            lines.append(
+                f"best {entry['best']:g}; lowest final loss on seed {entry['first_seed']}: "
+                f"{entry['loss_one_seed']:g} (shortfall {shortfall(entry['loss_one_seed'])}); "
+                f"lowest mean final loss: {entry['loss_mean']:g} (shortfall {shortfall(entry['loss_mean'])})"
+            )
         lines.extend(_against_any(entry))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -265,8 +295,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "folders", type=Path, nargs="+", help="result folders (results/<config>) or result files"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="read every cell on exactly these seeds (default: each cell's largest seed set)",
+    )
     arguments = parser.parse_args(argv)
-    text = markdown(cell_checks(read_results(arguments.folders)))
+    text = markdown(cell_checks(read_results(arguments.folders), arguments.seeds))
     print(text)
     return text
 

@@ -134,3 +134,36 @@ def test_picks_are_also_read_against_every_configuration() -> None:
     )
     (plain,) = rate_check.cell_checks(cell())  # one seed of a rule is not enough to be listed
     assert plain["others"] == {} and "best of any kind" not in rate_check.markdown([plain])
+
+
+def test_a_named_seed_set_reads_every_cell_on_those_seeds_only() -> None:
+    results = [*cell(), record(5e-4, 2, 0.10, [0.2] * 5), record(1e-3, 2, 0.90, [0.2] * 5)]
+    (grown,) = rate_check.cell_checks(results)  # 5e-4 and 1e-3 now have seeds 0-2
+    assert grown["seeds"] == (0, 1, 2) and set(grown["shortfall"]) == {5e-4, 1e-3}
+    (again,) = rate_check.cell_checks(results, seeds=[1, 0])  # the 2-seed reading, as before
+    assert again["seeds"] == (0, 1) and again["best"] == 1e-3
+    assert again["shortfall"] == pytest.approx({5e-4: 0.08, 1e-3: 0.0, 2e-3: 0.24})
+    assert again["rates"][5e-4]["metric"] == pytest.approx(0.71)  # seed 2's 0.10 not read
+
+
+def test_a_seed_set_no_tied_rate_covers_leaves_the_best_empty() -> None:
+    ruled = [
+        record(1e-3, seed, 0.8, [0.7] * 5, relative_lr=8.5e-3, lr=None, stiefel_lr=1e-3,
+               label="fora-rlr0.0085-slr0.001")
+        for seed in (0, 1, 2)
+    ]  # fmt: skip
+    (entry,) = rate_check.cell_checks([*cell(), *ruled], seeds=[0, 1, 2])
+    assert entry["best"] is None and entry["loss_mean"] is None and entry["shortfall"] == {}
+    assert entry["best_any"] == "fora-rlr0.0085-slr0.001"
+    text = rate_check.markdown([entry])
+    assert "no tied rate ran on every seed of [0, 1, 2]" in text
+    assert "best of any kind: fora-rlr0.0085-slr0.001" in text
+    with pytest.raises(ValueError, match="`seeds` must name at least one seed"):
+        rate_check.cell_checks(cell(), seeds=[])
+
+
+def test_main_takes_a_seed_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for index, result in enumerate(cell()[:7]):
+        (tmp_path / f"{index}.json").write_text(json.dumps(result))
+    text = rate_check.main([str(tmp_path), "--seeds", "0"])
+    assert "full seed set [0]" in text and "best 0.004;" in text  # one seed: 4e-3 counts
