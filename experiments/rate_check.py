@@ -68,17 +68,13 @@ def tied_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [result for result in usual_runs(results) if _is_tied(result)]
 
 
-def _others(
-    results: list[dict[str, Any]], cell: tuple[str, str, str], seeds: tuple[int, ...]
-) -> dict[str, dict[int, float]]:
-    """label -> seed -> metric, on ``seeds``, of the cell's untied configurations run on all
-    of them (one reading per seed: :func:`experiments.aggregate.read_results` refuses two)."""
+def _others(untied: list[dict[str, Any]], seeds: tuple[int, ...]) -> dict[str, dict[int, float]]:
+    """label -> seed -> metric, on ``seeds``, of one cell's untied runs, for the configurations
+    run on all of them (one reading per seed: :func:`experiments.aggregate.read_results`
+    refuses two)."""
     by_label: dict[str, dict[int, float]] = defaultdict(dict)
-    for result in usual_runs(results):
-        if (result["model"], result["task"], result.get("split", "test")) == cell and not (
-            _is_tied(result)
-        ):
-            by_label[result["label"]][result["seed"]] = float(result["after"])
+    for result in untied:
+        by_label[result["label"]][result["seed"]] = float(result["after"])
     return {
         label: {seed: values[seed] for seed in seeds}
         for label, values in sorted(by_label.items())
@@ -137,9 +133,13 @@ def cell_checks(
     cells: dict[tuple[str, str, str], dict[float, list[dict[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
     )
-    for result in tied_runs(results):
+    untied: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for result in usual_runs(results):  # one pass: the tied runs by rate, the rest apart
         key = (result["model"], result["task"], result.get("split", "test"))
-        cells[key][float(result["lr"])].append(result)
+        if _is_tied(result):
+            cells[key][float(result["lr"])].append(result)
+        else:
+            untied[key].append(result)
     entries = []
     for (model, task, split), by_rate in sorted(cells.items()):
         higher_is_better = next(iter(by_rate.values()))[0]["higher_is_better"]
@@ -162,7 +162,7 @@ def cell_checks(
         sign = 1.0 if higher_is_better else -1.0
         best = max(full, key=lambda rate: sign * rates[rate]["metric"], default=None)
         one_seed = [rate for rate in rates if rates[rate]["first_loss"] is not None]
-        others = _others(results, (model, task, split), full_set)
+        others = _others(untied[(model, task, split)], full_set)
         per_seed = {
             f"{rate:g}": {
                 r["seed"]: float(r["after"]) for r in by_rate[rate] if r["seed"] in full_set
