@@ -39,7 +39,7 @@ from experiments.aggregate import interval_95, read_results
 from stiefel_peft.cli.rate_search import final_loss
 from stiefel_peft.cli.training import WARMUP
 
-__all__ = ["cell_checks", "markdown", "tied_runs", "usual_runs"]
+__all__ = ["cell_checks", "markdown", "usual_runs"]
 
 
 def usual_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -53,6 +53,7 @@ def usual_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _is_tied(result: dict[str, Any]) -> bool:
+    """One fixed rate for A and B: no weight-, gradient- or estimate-based rule."""
     return (
         result.get("lr") is not None
         and result.get("stiefel_lr") == result["lr"]
@@ -60,12 +61,6 @@ def _is_tied(result: dict[str, Any]) -> bool:
         and result.get("gradient_lr") is None
         and result.get("estimated_lr") is None
     )
-
-
-def tied_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """FoRA's runs at one fixed rate for A and B (no weight-, gradient- or estimate-based rule)
-    under the usual schedule (the 10 % warm-up)."""
-    return [result for result in usual_runs(results) if _is_tied(result)]
 
 
 def _others(untied: list[dict[str, Any]], seeds: tuple[int, ...]) -> dict[str, dict[int, float]]:
