@@ -289,6 +289,15 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         "one run per rate (docs/cli.md)",
     )
     fora.add_argument(
+        "--lr-search-seeds",
+        type=positive_int,
+        default=tuned.lr_search_seeds,
+        metavar="N",
+        help="with --lr-search, train each rate on N data orders (seeds --seed onwards) and keep "
+        "the lowest mean final loss: one seed can favour a rate that collapses on another; "
+        "costs N runs per rate",
+    )
+    fora.add_argument(
         "--train-examples",
         type=positive_int,
         default=tuned.train_examples,

@@ -125,6 +125,11 @@ def check(settings: DataSettings, command: str) -> None:
             )
         if settings.lr_search is not None:
             _check_lr_search(settings)
+        elif settings.lr_search_seeds != 1:
+            raise UsageError(
+                f"--lr-search-seeds {settings.lr_search_seeds} needs --lr-search: give the "
+                "rates to try, or drop --lr-search-seeds"
+            )
         if settings.resume is not None:
             resume_into = checkpoint_folder(settings.resume).parent
             settings.resume = str(checkpoint_folder(settings.resume))

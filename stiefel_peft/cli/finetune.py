@@ -147,8 +147,9 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     with memory.phase("train"):
         if settings.lr_search:  # one run per rate; the held-out examples are not read
             search = search_rates(
-                model, settings.lr_search, data.train, collate, plan, output, device=device,
-                progress=not settings.quiet, say=say,
+                model, settings.lr_search, data.train, collate, plan, output,
+                seeds=settings.lr_search_seeds, device=device, progress=not settings.quiet,
+                say=say,
             )  # fmt: skip
             result = search.result
             report.extra["lr_search"] = search.to_dict()
@@ -178,6 +179,8 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     if settings.lr_search:
         search = report.extra["lr_search"]
         delta += f" at lr {search['chosen']:g}"
+        if len(search["seeds"]) > 1:
+            delta += f" (lowest mean final loss over {len(search['seeds'])} seeds)"
         if search["edge"] is not None:  # said even when --quiet: the grid may need extending
             delta += f", the {search['edge']} rate tried: a better one may lie beyond it"
     print(

@@ -135,6 +135,8 @@ class FinetuneSettings(DataSettings):
         lr_search: None, or the rates to try: one full-length run per rate (A's and B's rates
             tied), keeping the lowest final training loss
             (:mod:`stiefel_peft.cli.rate_search`); ``lr`` and ``stiefel_lr`` are then unused.
+        lr_search_seeds: with ``lr_search``, the training seeds per rate (``seed`` onwards):
+            the rate with the lowest mean final loss over them is kept.
         train_examples: use at most this many training examples.
     """
 
@@ -158,6 +160,7 @@ class FinetuneSettings(DataSettings):
     stiefel_lr: float = _LIBRARY.stiefel_lr
     relative_lr: float | None = _LIBRARY.relative_lr
     lr_search: list[float] | None = None
+    lr_search_seeds: int = 1
     train_examples: int | None = None
 
     def fora_config(self) -> FoRAConfig:

@@ -16,6 +16,7 @@ from stiefel_peft.cli.rate_search import (
     SEARCH_FOLDER,
     final_loss,
     grid_edge,
+    mean_loss,
     search_rates,
 )
 from stiefel_peft.cli.trainer import FitResult, TrainingPlan
@@ -42,6 +43,14 @@ def test_final_loss_is_the_mean_of_the_last_window_and_a_diverged_run_never_wins
     with pytest.raises(ValueError, match="window"):
         final_loss([1.0], window=0)
     assert LOSS_WINDOW == 5  # the study's choice (docs/results.md, item 3)
+
+
+def test_mean_loss_averages_the_seeds_and_a_rate_diverged_on_any_seed_never_wins() -> None:
+    assert mean_loss([0.5]) == 0.5
+    assert mean_loss([0.2, 0.4, 0.9]) == pytest.approx(0.5)
+    assert mean_loss([0.2, math.inf]) == math.inf
+    with pytest.raises(ValueError, match="at least one seed"):
+        mean_loss([])
 
 
 def test_grid_edge_names_a_pick_at_either_end_of_the_grid() -> None:
@@ -88,9 +97,78 @@ def test_the_search_keeps_the_run_a_plain_run_at_the_chosen_rate_gives(
     assert report.extra["last_losses"] == FoRAReport.load(plain).extra["last_losses"]
 
 
+def test_a_search_over_seeds_keeps_the_chosen_rates_run_on_the_first_seed(
+    tiny_model_folder: Path, tiny_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    searched = tmp_path / "searched"
+    options = ("--lr-search", "1e-3", "3e-2", "--lr-search-seeds", "2", "--seed", "3")
+    assert main(_arguments(tiny_model_folder, tiny_csv, searched, *options)) == 0
+    assert "lowest mean final loss over 2 seeds" in capsys.readouterr().out
+    search = FoRAReport.load(searched).extra["lr_search"]
+    assert search["seeds"] == [3, 4]
+    assert [len(losses) for losses in search["run_losses"]] == [2, 2]
+    rates = search["rates"]
+    for rate, losses, mean in zip(rates, search["run_losses"], search["final_losses"], strict=True):
+        assert mean == pytest.approx(sum(losses) / 2)
+        for seed, loss in zip(search["seeds"], losses, strict=True):  # each run's own log, per seed
+            log = searched / SEARCH_FOLDER / f"lr-{rate:g}" / f"seed-{seed}" / "metrics.jsonl"
+            logged = [json.loads(line).get("loss") for line in log.read_text().splitlines()]
+            logged = [value for value in logged if value is not None]
+            assert loss == pytest.approx(final_loss(logged))
+    assert search["run_losses"][0] != search["run_losses"][1]
+    assert (
+        search["chosen"]
+        == search["rates"][search["final_losses"].index(min(search["final_losses"]))]
+    )
+    # the kept adapter is the chosen rate's run on --seed 3, as a plain run gives it
+    chosen = f"{search['chosen']:g}"
+    plain = tmp_path / "plain"
+    arguments = ("--lr", chosen, "--stiefel-lr", chosen, "--seed", "3")
+    assert main(_arguments(tiny_model_folder, tiny_csv, plain, *arguments)) == 0
+    first = load_file(searched / "adapter_model.safetensors")
+    second = load_file(plain / "adapter_model.safetensors")
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) <= 1e-6
+
+
+def test_the_mean_over_seeds_decides_not_the_first_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = apply_fora(tiny_model_case("llama").build(seed=0), 1.0, r=4, lora_dropout=0.0)
+    # 2e-3 is lowest on the first seed and collapses on the second; 1e-3 is steady
+    table = {(1e-3, 5): 0.30, (1e-3, 6): 0.32, (2e-3, 5): 0.20, (2e-3, 6): 0.90}
+    calls: list[tuple[float, int, Path]] = []
+
+    def by_rate_and_seed(_model, optimizer, _examples, _collate, plan, folder, **__) -> FitResult:
+        rate = optimizer.param_groups[0]["lr"]
+        calls.append((rate, plan.seed, folder))
+        assert plan.save_every is None and plan.eval_every is None
+        return FitResult([table[(rate, plan.seed)]], step=2, interrupted=False, checkpoint=None)
+
+    monkeypatch.setattr(rate_search_module, "fit", by_rate_and_seed)
+    plan = TrainingPlan(steps=2, seed=5, save_every=1, eval_every=1)
+    one = search_rates(model, [1e-3, 2e-3], [], None, plan, tmp_path, say=lambda _: None)
+    assert one.chosen == 2e-3 and one.seeds == [5]  # what one seed sees
+    assert [folder.name for *_, folder in calls] == ["lr-0.001", "lr-0.002"]
+    calls.clear()
+    lines: list[str] = []
+    two = search_rates(model, [1e-3, 2e-3], [], None, plan, tmp_path, seeds=2, say=lines.append)
+    assert two.chosen == 1e-3 and two.seeds == [5, 6]
+    assert two.final_losses == pytest.approx([0.31, 0.55])
+    assert two.result.losses == [0.30]  # the kept run is the chosen rate's on seed 5
+    assert [(rate, seed) for rate, seed, _ in calls] == [(1e-3, 5), (1e-3, 6), (2e-3, 5), (2e-3, 6)]
+    assert calls[1][2] == tmp_path / SEARCH_FOLDER / "lr-0.001" / "seed-6"
+    assert "lr 0.002: mean final training loss 0.5500 over 2 seeds" in lines
+    assert two.to_dict()["run_losses"] == [[0.30, 0.32], [0.20, 0.90]]
+    for seeds in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="`seeds` must be an integer >= 1"):
+            search_rates(model, [1e-3, 2e-3], [], None, plan, tmp_path, seeds=seeds)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (("--lr-search-seeds", "2"), "--lr-search-seeds 2 needs --lr-search"),
+        (("--lr-search", "1e-3", "2e-3", "--lr-search-seeds", "0"), "--lr-search-seeds"),
         (("--lr-search", "1e-3"), "at least two distinct rates"),
         (("--lr-search", "1e-3", "1e-3"), "at least two distinct rates"),
         (("--lr-search", "1e-3", "2e-3", "--lr", "5e-4"), "drop --lr"),
@@ -108,7 +186,9 @@ def test_clashing_options_stop_with_one_line_before_anything_runs(
     message: str,
 ) -> None:
     output = tmp_path / "run"
-    assert main(_arguments(tiny_model_folder, tiny_csv, output, *extra)) == 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors exit, ours return 2
+        raise SystemExit(main(_arguments(tiny_model_folder, tiny_csv, output, *extra)))
+    assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not output.exists()
 
