@@ -89,6 +89,25 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def differences_summary(differences: list[float], higher_is_better: bool) -> dict[str, Any]:
+    """Per-seed paired differences ``first - second``: their mean, std and 95 % t-interval, and
+    the seeds in favour of ``first`` (``"for"``: a positive difference, or a negative one when
+    lower is better, as for perplexity) and against it (``"against"``); the rest are tied.
+
+    Raises:
+        statistics.StatisticsError: ``differences`` is empty.
+    """
+    mean, std = _mean_std(differences)
+    sign = 1.0 if higher_is_better else -1.0
+    return {
+        "mean": mean,
+        "std": std,
+        "interval_95": list(interval_95(differences)),
+        "for": sum(sign * difference > 0 for difference in differences),
+        "against": sum(sign * difference < 0 for difference in differences),
+    }
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (model, task, label): seeds, lr, parameters and mean/std of the metrics."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -222,21 +241,20 @@ def paired(
                 if second:
                     value -= methods[second[0]][seed] - methods[second[1]][seed]
                 differences.append(value)
-            mean, std = _mean_std(differences)
-            low, high = interval_95(differences)
-            sign = -1 if lower_is_better[(model, task)] else 1  # "in favour" of the first
+            lower = lower_is_better[(model, task)]
+            summary = differences_summary(differences, higher_is_better=not lower)
             rows.append(
                 {
                     "model": model,
                     "task": task,
                     "comparison": name,
                     "seeds": seeds,
-                    "mean": mean,
-                    "std": std,
-                    "interval_95": [low, high],
-                    "metric": "perplexity" if sign < 0 else "fraction",
-                    "positive": sum(sign * d > 0 for d in differences),
-                    "negative": sum(sign * d < 0 for d in differences),
+                    "mean": summary["mean"],
+                    "std": summary["std"],
+                    "interval_95": summary["interval_95"],
+                    "metric": "perplexity" if lower else "fraction",
+                    "positive": summary["for"],  # in favour of the first method
+                    "negative": summary["against"],
                 }
             )
     return rows

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.aggregate import interval_95, read_results
+from experiments.aggregate import differences_summary, read_results
 from stiefel_peft.cli.rate_search import final_loss
 from stiefel_peft.cli.training import WARMUP
 
@@ -81,15 +81,11 @@ def _paired(
     values: dict[int, float], best: dict[int, float], higher_is_better: bool
 ) -> dict[str, Any]:
     """The per-seed difference ``values - best``: its mean, 95 % interval and the seeds where
-    ``values`` is ahead (``"for"``) and behind (``"against"``)."""
+    ``values`` is ahead (``"for"``) and behind (``"against"``)
+    (:func:`experiments.aggregate.differences_summary`, without its std)."""
     differences = [values[seed] - best[seed] for seed in sorted(best)]
-    sign = 1.0 if higher_is_better else -1.0
-    return {
-        "mean": statistics.fmean(differences),
-        "interval_95": list(interval_95(differences)),
-        "for": sum(sign * difference > 0 for difference in differences),
-        "against": sum(sign * difference < 0 for difference in differences),
-    }
+    summary = differences_summary(differences, higher_is_better)
+    return {key: summary[key] for key in ("mean", "interval_95", "for", "against")}
 
 
 def _shortfall(best: float, value: float, higher_is_better: bool) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,17 @@ def test_paired_perplexity_counts_a_lower_value_in_favour() -> None:
     assert abs(row["mean"] - (-0.3 - 0.1 + 0.1) / 3) < 1e-12
     text = aggregate.paired_markdown([row])
     assert "-0.100" in text and "2 / 1 / 0" in text
+
+
+def test_differences_summary_counts_ties_apart_and_reads_the_sign_by_direction() -> None:
+    from experiments.aggregate import differences_summary, interval_95
+
+    differences = [0.02, -0.01, 0.0, 0.05]
+    higher = differences_summary(differences, higher_is_better=True)
+    assert higher["for"] == 2 and higher["against"] == 1  # the tie is neither
+    assert math.isclose(higher["mean"], 0.015, abs_tol=1e-15)
+    assert math.isclose(higher["std"], statistics.stdev(differences), rel_tol=1e-12)
+    assert higher["interval_95"] == list(interval_95(differences))
+    lower = differences_summary(differences, higher_is_better=False)  # perplexity: lower wins
+    assert lower["for"] == 1 and lower["against"] == 2
+    assert lower["interval_95"] == higher["interval_95"]  # the interval is the differences'
