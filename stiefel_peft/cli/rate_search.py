@@ -108,8 +108,7 @@ def final_loss(losses: Sequence[float], window: int = LOSS_WINDOW) -> float:
         raise ValueError(f"`window` must be >= 1, got {window}")
     if not losses:
         raise ValueError("a run logged no loss: train for at least one step per log")
-    tail = [float(loss) for loss in losses[-window:]]
-    return sum(tail) / len(tail) if all(math.isfinite(loss) for loss in tail) else math.inf
+    return _mean_or_inf(losses[-window:])
 
 
 def mean_loss(losses: Sequence[float]) -> float:
@@ -121,9 +120,14 @@ def mean_loss(losses: Sequence[float]) -> float:
     """
     if not losses:
         raise ValueError("a rate has no final loss: run it on at least one seed")
-    if not all(math.isfinite(loss) for loss in losses):
-        return math.inf
-    return sum(losses) / len(losses)
+    return _mean_or_inf(losses)
+
+
+def _mean_or_inf(values: Sequence[float]) -> float:
+    """The mean of non-empty ``values``, or ``inf`` when one of them is not finite: how a run
+    (its last losses) and a rate (its runs' final losses) are both scored."""
+    numbers = [float(value) for value in values]
+    return sum(numbers) / len(numbers) if all(map(math.isfinite, numbers)) else math.inf
 
 
 def grid_edge(rates: Sequence[float], chosen: float) -> str | None:
