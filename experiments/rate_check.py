@@ -110,8 +110,9 @@ def cell_checks(
     ``best_any`` (the best of those and the full-set rates, a label or a rate written with
     ``:g``), ``shortfall_any`` (each of them -> shortfall from ``best_any``) and
     ``paired_any`` (label -> its per-seed difference from ``best_any``: ``"mean"``,
-    ``"interval_95"`` and the seeds ``"for"`` and ``"against"`` it); ``best_any`` is None
-    when nothing ran on the whole set.
+    ``"interval_95"`` and the seeds ``"for"`` and ``"against"`` it), and ``per_seed`` (each
+    configuration on the full seed set, a rate written with ``:g`` or a label -> seed ->
+    metric); ``best_any`` is None when nothing ran on the whole set.
 
     Raises:
         ValueError: a run has no logged losses (from :func:`final_loss`), or ``seeds`` is
@@ -181,6 +182,7 @@ def cell_checks(
                     if best is not None
                 },
                 "others": {label: candidates[label] for label in others},
+                "per_seed": per_seed,
                 "paired_any": {
                     label: _paired(others[label], per_seed[best_any], higher_is_better)
                     for label in others
