@@ -28,7 +28,8 @@ seed inflates the first. Per cell: ``sigma``, the chance that the oracle reads w
 ``default`` when the cell has it, its observed shortfall and the chance that the oracle reads
 at least that far short (a small chance: the miss is larger than the noise explains). Across
 cells: the chance that the oracle is within ``margin`` on all of them (cells independent) and
-the expected number of cells it misses. Units: points for a fraction (x 100), perplexity as is
+the expected number of cells it misses; ``--oracle-seeds N`` asks the same of means over N
+seeds (``sigma`` still from the cell's own), to size a reading that an oracle would pass. Units: points for a fraction (x 100), perplexity as is
 (lower is better, so its sign is turned).
 """
 
@@ -157,9 +158,11 @@ def _read_cell(
     margin: float,
     draws: int,
     generator: np.random.Generator,
+    oracle_seeds: int | None,
 ) -> dict[str, dict[str, float]]:
     """Both estimates (``"all"``, ``"upper"``) of one readable cell: ``sigma``, the oracle's
-    ``within`` and ``q95``, and ``default_p`` when ``default_row`` is given."""
+    ``within`` and ``q95`` (its means over ``oracle_seeds``, or over the cell's seeds when
+    None), and ``default_p`` when ``default_row`` is given (over the cell's seeds)."""
     means = readings.mean(axis=1)
     count, seeds = readings.shape
     upper = np.sort(np.argsort(-means, kind="stable")[: max(2, math.ceil(count / 2))])
@@ -170,7 +173,9 @@ def _read_cell(
     reading = {}
     for key, rows in (("all", readings), ("upper", readings[upper])):
         spread = residual_spread(rows)
-        oracle = shortfalls(means, int(np.argmax(means)), spread, seeds, draws, generator)
+        oracle = shortfalls(
+            means, int(np.argmax(means)), spread, oracle_seeds or seeds, draws, generator
+        )
         reading[key] = {
             "sigma": spread,
             "within": float((oracle <= margin).mean()),
@@ -190,6 +195,7 @@ def cell_ceilings(
     draws: int = DRAWS,
     seed: int = 0,
     default: str = DEFAULT_LABEL,
+    oracle_seeds: int | None = None,
 ) -> list[dict[str, Any]]:
     """The oracle's chances, and the default's test, per cell of
     :func:`experiments.rate_check.cell_checks` (entries with ``per_seed``).
@@ -198,22 +204,28 @@ def cell_ceilings(
     ``configurations`` (the names of the distinct ones on the full seed set), ``best`` (the
     best reading's name), ``default_shortfall`` (the default's observed shortfall, or None
     when it did not run on every seed) and ``readable`` (at least 2 seeds and 2 distinct
-    configurations). A readable entry also holds, under ``"all"`` and ``"upper"`` (the two
+    configurations), ``oracle_seeds`` (the seeds of the oracle's simulated means). A readable
+    entry also holds, under ``"all"`` and ``"upper"`` (the two
     estimates of ``sigma``): ``sigma``, ``within`` (the chance that the oracle reads within
     ``margin`` of the best), ``q95`` (its 95th-percentile shortfall) and, with a default,
     ``default_p``: the chance that a default exactly ``margin`` short of the best of the
     others reads at least as far short as the default did (1 when it read within
     ``margin``; small: it misses by more than the margin). Shortfalls and ``sigma`` are in
-    the module's units. Draws come from ``numpy.random.default_rng(seed)``, the cells in
-    order.
+    the module's units. ``oracle_seeds``, when given, is the number of seeds the oracle's
+    simulated means are taken over (how many seeds a reading of the target would need),
+    ``sigma`` still estimated from the cell's own; ``default_p`` always reads the cell's
+    seeds. Draws come from ``numpy.random.default_rng(seed)``, the cells in order.
 
     Raises:
-        ValueError: ``margin <= 0`` or ``draws < 1``; a reading is not finite.
+        ValueError: ``margin <= 0``, ``draws < 1`` or ``oracle_seeds < 1``; a reading is
+            not finite.
     """
     if not margin > 0:
         raise ValueError(f"`margin` must be > 0 (points), got {margin}")
     if draws < 1:
         raise ValueError(f"`draws` must be >= 1, got {draws}")
+    if oracle_seeds is not None and oracle_seeds < 1:
+        raise ValueError(f"`oracle_seeds` must be >= 1 or None, got {oracle_seeds}")
     generator = np.random.default_rng(seed)
     ceilings = []
     for entry in entries:
@@ -229,10 +241,13 @@ def cell_ceilings(
             "best": entry["best_any"],
             "default_shortfall": None if shortfall is None else unit * shortfall,
             "readable": len(names) >= 2 and len(entry["seeds"]) >= 2,
+            "oracle_seeds": oracle_seeds or len(entry["seeds"]),
         }
         if ceiling["readable"]:
             row = _default_row(per_seed, entry["seeds"], names, default)
-            ceiling |= _read_cell(sign * unit * readings, row, margin, draws, generator)
+            ceiling |= _read_cell(
+                sign * unit * readings, row, margin, draws, generator, oracle_seeds
+            )
         ceilings.append(ceiling)
     return ceilings
 
@@ -284,9 +299,11 @@ def markdown(ceilings: list[dict[str, Any]], margin: float = MARGIN) -> str:
             )
         )
     together = summary(ceilings)
+    oracle_seeds = sorted({ceiling["oracle_seeds"] for ceiling in ceilings if ceiling["readable"]})
     lines += [
         "",
-        f"Oracle within {margin:g} on every readable cell: "
+        f"Oracle (means over {', '.join(map(str, oracle_seeds))} seeds) within {margin:g} on "
+        "every readable cell: "
         f"{together['all']['all_within']:.3f} / {together['upper']['all_within']:.3f} "
         f"(all / upper half); expected cells missed: {together['all']['expected_misses']:.2f} / "
         f"{together['upper']['expected_misses']:.2f}.",
@@ -310,10 +327,20 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--default", default=DEFAULT_LABEL, help=f"the default's label (default {DEFAULT_LABEL})"
     )
+    parser.add_argument(
+        "--oracle-seeds",
+        type=int,
+        help="take the oracle's simulated means over this many seeds (default: the cell's)",
+    )
     arguments = parser.parse_args(argv)
     entries = cell_checks(read_results(arguments.folders), arguments.seeds)
     ceilings = cell_ceilings(
-        entries, arguments.margin, arguments.draws, arguments.seed, arguments.default
+        entries,
+        arguments.margin,
+        arguments.draws,
+        arguments.seed,
+        arguments.default,
+        arguments.oracle_seeds,
     )
     text = markdown(ceilings, arguments.margin)
     print(text)

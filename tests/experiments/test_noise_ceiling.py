@@ -190,10 +190,30 @@ def test_summary_multiplies_chances_and_adds_misses() -> None:
     assert together["upper"] == pytest.approx({"all_within": 0.9, "expected_misses": 0.1})
 
 
-@pytest.mark.parametrize(("margin", "draws", "match"), [(0.0, 10, "margin"), (2.0, 0, "draws")])
-def test_cell_ceilings_refuse_bad_settings(margin: float, draws: int, match: str) -> None:
+@pytest.mark.parametrize(
+    ("margin", "draws", "oracle_seeds", "match"),
+    [(0.0, 10, None, "margin"), (2.0, 0, None, "draws"), (2.0, 10, 0, "oracle_seeds")],
+)
+def test_cell_ceilings_refuse_bad_settings(
+    margin: float, draws: int, oracle_seeds: int | None, match: str
+) -> None:
     with pytest.raises(ValueError, match=match):
-        noise_ceiling.cell_ceilings([], margin=margin, draws=draws)
+        noise_ceiling.cell_ceilings([], margin=margin, draws=draws, oracle_seeds=oracle_seeds)
+
+
+def test_more_oracle_seeds_narrow_its_shortfall_but_not_the_default_test() -> None:
+    readings = {
+        "0.001": [0.80, 0.70, 0.90],
+        "0.002": [0.70, 0.85, 0.78],
+        "default": [0.70, 0.72, 0.74],
+    }
+    entries = rate_check.cell_checks(cell(readings))
+    (own,) = noise_ceiling.cell_ceilings(entries, draws=4000, seed=5)
+    (many,) = noise_ceiling.cell_ceilings(entries, draws=4000, seed=5, oracle_seeds=30)
+    assert (own["oracle_seeds"], many["oracle_seeds"]) == (3, 30)
+    assert many["all"]["sigma"] == own["all"]["sigma"]
+    assert many["all"]["within"] > own["all"]["within"] + 0.1
+    assert many["all"]["default_p"] == pytest.approx(own["all"]["default_p"], abs=0.05)
 
 
 def test_the_simulation_is_seeded() -> None:
@@ -214,4 +234,6 @@ def test_main_prints_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert text == capsys.readouterr().out.strip()
     assert "| m / t | 3 | 3 |" in text and "oracle within 3" in text
     assert "| m / u | 1 | 1 | not readable" in text
-    assert "Oracle within 3 on every readable cell:" in text
+    assert "Oracle (means over 3 seeds) within 3 on every readable cell:" in text
+    more = noise_ceiling.main([str(tmp_path), "--draws", "300", "--oracle-seeds", "20"])
+    assert "Oracle (means over 20 seeds) within 2 on every readable cell:" in more
