@@ -38,13 +38,12 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from experiments.aggregate import read_results
-from experiments.rate_check import cell_checks
+from experiments.rate_check import add_reading_arguments, cell_checks
 
 __all__ = ["cell_ceilings", "markdown", "residual_spread", "shortfalls", "summary"]
 
@@ -315,12 +314,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "folders", type=Path, nargs="+", help="result folders (results/<config>) or result files"
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", help="read every cell on exactly these seeds"
-    )
+    add_reading_arguments(parser)
     parser.add_argument("--margin", type=float, default=MARGIN, help="points (default 2)")
     parser.add_argument("--draws", type=int, default=DRAWS, help="simulated readings per cell")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulation")

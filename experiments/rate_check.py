@@ -39,7 +39,7 @@ from experiments.aggregate import differences_summary, read_results
 from stiefel_peft.cli.rate_search import final_loss
 from stiefel_peft.cli.training import WARMUP
 
-__all__ = ["cell_checks", "markdown", "usual_runs"]
+__all__ = ["add_reading_arguments", "cell_checks", "markdown", "usual_runs"]
 
 
 def usual_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -281,10 +281,8 @@ def markdown(entries: list[dict[str, Any]]) -> str:
     return "\n\n".join(blocks)
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_reading_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a reading of :func:`cell_checks`: ``folders`` and ``--seeds``."""
     parser.add_argument(
         "folders", type=Path, nargs="+", help="result folders (results/<config>) or result files"
     )
@@ -294,6 +292,13 @@ def main(argv: list[str] | None = None) -> str:
         nargs="+",
         help="read every cell on exactly these seeds (default: each cell's largest seed set)",
     )
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_reading_arguments(parser)
     arguments = parser.parse_args(argv)
     text = markdown(cell_checks(read_results(arguments.folders), arguments.seeds))
     print(text)

@@ -5,33 +5,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from experiments import noise_ceiling, rate_check
+from tests.experiments.test_rate_check import record
 
-
-def record(label: str, seed: int, after: float, rate: float | None = 1e-3, **extra: Any) -> dict:
-    return {
-        "model": "m",
-        "task": "t",
-        "split": "validation",
-        "method": "fora",
-        "label": label,
-        "seed": seed,
-        "lr": rate,
-        "stiefel_lr": rate if rate is not None else 1e-3,
-        "relative_lr": None,
-        "gradient_lr": None,
-        "estimated_lr": None,
-        "metric": "accuracy",
-        "higher_is_better": True,
-        "after": after,
-        "last_losses": [0.5] * 5,
-        **extra,
-    }
+LOSSES = [0.5] * 5
 
 
 def cell(readings: dict[str, list[float]], metric: str = "accuracy") -> list[dict]:
@@ -40,10 +21,11 @@ def cell(readings: dict[str, list[float]], metric: str = "accuracy") -> list[dic
     for name, values in readings.items():
         for seed, after in enumerate(values):
             if name == "default":
+                rule = {"lr": None, "stiefel_lr": 1e-3, "relative_lr": 8.5e-3}
                 label = noise_ceiling.DEFAULT_LABEL
-                results.append(record(label, seed, after, None, relative_lr=8.5e-3))
+                results.append(record(1e-3, seed, after, LOSSES, **rule, label=label))
             else:
-                results.append(record(f"fora-lr{name}-slr{name}", seed, after, float(name)))
+                results.append(record(float(name), seed, after, LOSSES))
     if metric == "perplexity":
         for result in results:
             result |= {"metric": "perplexity", "higher_is_better": False}
@@ -227,7 +209,7 @@ def test_the_simulation_is_seeded() -> None:
 
 def test_main_prints_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     readings = {"0.001": [0.8, 0.7, 0.75], "0.002": [0.6, 0.65, 0.7], "default": [0.7, 0.7, 0.7]}
-    one_seed = [record("fora-lr0.001-slr0.001", 0, 0.5) | {"task": "u"}]
+    one_seed = [record(1e-3, 0, 0.5, LOSSES, task="u")]
     for index, result in enumerate(cell(readings) + one_seed):
         (tmp_path / f"{index}.json").write_text(json.dumps(result))
     text = noise_ceiling.main([str(tmp_path), "--draws", "300", "--margin", "3"])
