@@ -24,13 +24,15 @@ takes the oracle's shortfall, ``max_k mean[k] - mean[oracle]``, with ``oracle = 
 Two estimates of ``sigma`` are given: over every configuration, and over the upper half (the
 ``max(2, ceil(K / 2))`` best means), which decide the maximum; a rate that collapses on one
 seed inflates the first. Per cell: ``sigma``, the chance that the oracle reads within
-``margin``, its median and 95th-percentile shortfall, and, for the configuration named by
-``default`` when the cell has it, its observed shortfall and the chance that the oracle reads
-at least that far short (a small chance: the miss is larger than the noise explains). Across
-cells: the chance that the oracle is within ``margin`` on all of them (cells independent) and
-the expected number of cells it misses; ``--oracle-seeds N`` asks the same of means over N
-seeds (``sigma`` still from the cell's own), to size a reading that an oracle would pass. Units: points for a fraction (x 100), perplexity as is
-(lower is better, so its sign is turned).
+``margin`` and its 95th-percentile shortfall; and, for the configuration named by ``default``
+when it ran on every seed, its observed shortfall and ``p``: the chance that a default exactly
+``margin`` short of the best of the other configurations reads at least as far short (a small
+``p``: the default misses by more than the margin, beyond what the noise explains; 1 when it
+read within the margin). Across cells: the chance that the oracle is within ``margin`` on all
+of them (cells independent) and the expected number of cells it misses. ``--oracle-seeds N``
+asks the same of means over N seeds (``sigma`` still from the cell's own), to size a reading
+that an oracle would pass. Units: points for a fraction (x 100), perplexity as is (lower is
+better, so its sign is turned).
 """
 
 from __future__ import annotations
@@ -202,10 +204,9 @@ def cell_ceilings(
     Each entry holds ``model``, ``task``, ``split``, ``metric``, ``seeds``,
     ``configurations`` (the names of the distinct ones on the full seed set), ``best`` (the
     best reading's name), ``default_shortfall`` (the default's observed shortfall, or None
-    when it did not run on every seed) and ``readable`` (at least 2 seeds and 2 distinct
-    configurations), ``oracle_seeds`` (the seeds of the oracle's simulated means). A readable
-    entry also holds, under ``"all"`` and ``"upper"`` (the two
-    estimates of ``sigma``): ``sigma``, ``within`` (the chance that the oracle reads within
+    when it did not run on every seed), ``readable`` (at least 2 seeds and 2 distinct
+    configurations) and ``oracle_seeds`` (the seeds of the oracle's simulated means). A readable
+    entry also holds, under ``"all"`` and ``"upper"`` (the two estimates of ``sigma``): ``sigma``, ``within`` (the chance that the oracle reads within
     ``margin`` of the best), ``q95`` (its 95th-percentile shortfall) and, with a default,
     ``default_p``: the chance that a default exactly ``margin`` short of the best of the
     others reads at least as far short as the default did (1 when it read within
