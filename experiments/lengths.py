@@ -124,7 +124,8 @@ def length_changes(
 
 
 def markdown(entries: list[dict[str, Any]], first: str = FIRST, second: str = SECOND) -> str:
-    """One table per cell: a row per reading, its mean, 95 % interval and seeds for / against."""
+    """One table per cell: a row per reading, its mean, 95 % interval and the seeds for,
+    against and tied."""
     if not entries:
         return "_No cell has both methods in both schedules on a common seed._"
     blocks = []
@@ -133,18 +134,23 @@ def markdown(entries: list[dict[str, Any]], first: str = FIRST, second: str = SE
         short, long = entry["steps"]
 
         def row(
-            name: str, summary: dict[str, Any], unit: float = scale, places: int = digits
+            name: str,
+            summary: dict[str, Any],
+            unit: float = scale,
+            places: int = digits,
+            count: int = len(entry["seeds"]),
         ) -> str:
             low, high = (unit * bound for bound in summary["interval_95"])
+            tied = count - summary["for"] - summary["against"]
             return (
                 f"| {name} | {unit * summary['mean']:+.{places}f} | [{low:+.{places}f}, {high:+.{places}f}] | "
-                f"{summary['for']} / {summary['against']} |"
+                f"{summary['for']} / {summary['against']} / {tied} |"
             )
 
         lines = [
             f"{entry['model']} / {entry['task']} ({len(entry['seeds'])} seeds {entry['seeds']}, {short} and {long} steps)",
             "",
-            "| reading | mean | 95 % interval | seeds for / against |",
+            "| reading | mean | 95 % interval | seeds for / against / tied |",
             "|---|---:|---:|---:|",
             row(f"{first} - {second}, {short} steps", entry["short"]),
             row(f"{first} - {second}, {long} steps", entry["long"]),

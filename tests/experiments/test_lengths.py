@@ -97,5 +97,5 @@ def test_main_reads_two_sets_of_folders(tmp_path: Path, capsys: pytest.CaptureFi
     text = lengths.main(["--short", str(tmp_path / "short"), "--long", str(tmp_path / "long")])
     assert text == capsys.readouterr().out.strip()
     assert "m / t (3 seeds [0, 1, 2], 48 and 192 steps)" in text
-    assert "| change (192 - 48 steps) | +2.0 |" in text
+    assert "| change (192 - 48 steps) | +2.0 | [" in text and "| 2 / 1 / 0 |" in text
     assert "| fora: effective rank, 192 - 48 steps | +1.00 |" in text
