@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.aggregate import differences_summary, read_results
+from experiments.rate_check import metric_scale
 
 __all__ = ["length_changes", "markdown"]
 
@@ -130,7 +131,7 @@ def markdown(entries: list[dict[str, Any]], first: str = FIRST, second: str = SE
         return "_No cell has both methods in both schedules on a common seed._"
     blocks = []
     for entry in entries:
-        scale, digits = (1.0, 2) if entry["metric"] == "perplexity" else (100.0, 1)
+        scale, digits = metric_scale(entry)
         short, long = entry["steps"]
 
         def row(

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from experiments.aggregate import read_results
-from experiments.rate_check import add_reading_arguments, cell_checks
+from experiments.rate_check import add_reading_arguments, cell_checks, metric_scale
 
 __all__ = ["cell_ceilings", "markdown", "residual_spread", "shortfalls", "summary"]
 
@@ -156,6 +156,7 @@ def _default_row(
 def _read_cell(
     readings: np.ndarray,
     default_row: int | None,
+    observed: float | None,
     margin: float,
     draws: int,
     generator: np.random.Generator,
@@ -163,11 +164,11 @@ def _read_cell(
 ) -> dict[str, dict[str, float]]:
     """Both estimates (``"all"``, ``"upper"``) of one readable cell: ``sigma``, the oracle's
     ``within`` and ``q95`` (its means over ``oracle_seeds``, or over the cell's seeds when
-    None), and ``default_p`` when ``default_row`` is given (over the cell's seeds)."""
+    None), and ``default_p`` when ``default_row`` is given (over the cell's seeds), from the
+    default's ``observed`` shortfall."""
     means = readings.mean(axis=1)
     count, seeds = readings.shape
     upper = np.sort(np.argsort(-means, kind="stable")[: max(2, math.ceil(count / 2))])
-    observed = None if default_row is None else float(means.max() - means[default_row])
     at_margin = means.copy()
     if default_row is not None:  # the default exactly `margin` short of the best of the others
         at_margin[default_row] = np.delete(means, default_row).max() - margin
@@ -182,7 +183,7 @@ def _read_cell(
             "within": float((oracle <= margin).mean()),
             "q95": float(np.quantile(oracle, 0.95)),
         }
-        if observed is not None:
+        if default_row is not None and observed is not None:
             drawn = shortfalls(at_margin, default_row, spread, seeds, draws, generator)
             reading[key]["default_p"] = (
                 1.0 if observed <= margin else float((drawn >= observed - 1e-9).mean())
@@ -230,7 +231,7 @@ def cell_ceilings(
     ceilings = []
     for entry in entries:
         sign = 1.0 if entry["higher_is_better"] else -1.0
-        unit = 1.0 if entry["metric"] == "perplexity" else 100.0
+        unit, _ = metric_scale(entry)
         per_seed = entry.get("per_seed", {})
         names, readings = _distinct(per_seed, entry["seeds"])
         shortfall = entry["shortfall_any"].get(default)
@@ -246,7 +247,13 @@ def cell_ceilings(
         if ceiling["readable"]:
             row = _default_row(per_seed, entry["seeds"], names, default)
             ceiling |= _read_cell(
-                sign * unit * readings, row, margin, draws, generator, oracle_seeds
+                sign * unit * readings,
+                row,
+                ceiling["default_shortfall"],
+                margin,
+                draws,
+                generator,
+                oracle_seeds,
             )
         ceilings.append(ceiling)
     return ceilings

@@ -39,7 +39,7 @@ from experiments.aggregate import differences_summary, read_results
 from stiefel_peft.cli.rate_search import final_loss
 from stiefel_peft.cli.training import WARMUP
 
-__all__ = ["add_reading_arguments", "cell_checks", "markdown", "usual_runs"]
+__all__ = ["add_reading_arguments", "cell_checks", "markdown", "metric_scale", "usual_runs"]
 
 
 def usual_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -197,7 +197,7 @@ def cell_checks(
     return entries
 
 
-def _scale(entry: dict[str, Any]) -> tuple[float, int]:
+def metric_scale(entry: dict[str, Any]) -> tuple[float, int]:
     """Points for a fraction (x 100, one decimal), perplexity as is (two decimals)."""
     return (1.0, 2) if entry["metric"] == "perplexity" else (100.0, 1)
 
@@ -207,7 +207,7 @@ def _against_any(entry: dict[str, Any]) -> list[str]:
     when the cell has no untied configuration on the full seed set)."""
     if not entry["others"]:
         return []
-    scale, digits = _scale(entry)
+    scale, digits = metric_scale(entry)
     gap = entry["shortfall_any"]
 
     def short(name: str) -> str:
@@ -246,13 +246,13 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         return "_No tied FoRA runs._"
     blocks = []
     for entry in entries:
-        scale, digits = _scale(entry)
+        scale, digits = metric_scale(entry)
 
         def shortfall(rate: float, entry: dict[str, Any] = entry) -> str:
             value = entry["shortfall"].get(rate)
             if value is None:
                 return "n/a (fewer seeds)"
-            scale, digits = _scale(entry)
+            scale, digits = metric_scale(entry)
             return f"{scale * value:.{digits}f}"
 
         lines = [
