@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -30,10 +31,6 @@ def cell(readings: dict[str, list[float]], metric: str = "accuracy") -> list[dic
         for result in results:
             result |= {"metric": "perplexity", "higher_is_better": False}
     return results
-
-
-def normal_cdf(value: float) -> float:
-    return 0.5 * (1.0 + math.erf(value / math.sqrt(2.0)))
 
 
 def test_residual_spread_is_zero_for_an_additive_table_and_exact_otherwise() -> None:
@@ -63,7 +60,7 @@ def test_two_equal_configurations_match_the_normal_reference() -> None:
     drawn = noise_ceiling.shortfalls(
         np.array([50.0, 50.0]), 0, spread, seeds, 40_000, np.random.default_rng(1)
     )
-    expected = normal_cdf(margin / (spread * math.sqrt(2 / seeds)))
+    expected = NormalDist().cdf(margin / (spread * math.sqrt(2 / seeds)))
     assert (drawn <= margin).mean() == pytest.approx(expected, abs=0.01)
     assert (drawn >= 0).all() and (drawn == 0).mean() == pytest.approx(0.5, abs=0.01)
 
