@@ -39,7 +39,14 @@ from experiments.aggregate import differences_summary, read_results
 from stiefel_peft.cli.rate_search import final_loss
 from stiefel_peft.cli.training import WARMUP
 
-__all__ = ["add_reading_arguments", "cell_checks", "markdown", "metric_scale", "usual_runs"]
+__all__ = [
+    "add_reading_arguments",
+    "cell_checks",
+    "markdown",
+    "metric_scale",
+    "paired_difference",
+    "usual_runs",
+]
 
 
 def usual_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,7 +84,7 @@ def _others(untied: list[dict[str, Any]], seeds: tuple[int, ...]) -> dict[str, d
     }
 
 
-def _paired(
+def paired_difference(
     values: dict[int, float], best: dict[int, float], higher_is_better: bool
 ) -> dict[str, Any]:
     """The per-seed difference ``values - best``: its mean, 95 % interval and the seeds where
@@ -184,7 +191,7 @@ def cell_checks(
                 "others": {label: candidates[label] for label in others},
                 "per_seed": per_seed,
                 "paired_any": {
-                    label: _paired(others[label], per_seed[best_any], higher_is_better)
+                    label: paired_difference(others[label], per_seed[best_any], higher_is_better)
                     for label in others
                 },
                 "best_any": best_any,
