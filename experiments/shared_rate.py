@@ -86,10 +86,10 @@ def shared_readings(entries: list[dict[str, Any]], margin: float = MARGIN) -> di
 
     Raises:
         ValueError: fewer than two cells, a cell with nothing on its full seed set, a cell
-            read on a single seed (no interval), or a negative ``margin``.
+            read on a single seed (no interval), or a ``margin`` below 0 or NaN.
     """
-    if margin < 0:
-        raise ValueError(f"`margin` must be at least 0, got {margin}")
+    if not margin >= 0:  # NaN too
+        raise ValueError(f"`margin` must be a number at least 0, got {margin}")
     if len(entries) < 2:
         raise ValueError(
             f"a shared configuration needs at least two cells, got {len(entries)}: give the "

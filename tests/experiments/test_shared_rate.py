@@ -135,6 +135,7 @@ def test_markdown_names_the_best_and_the_cells_a_configuration_lacks() -> None:
         (["arithmetic", "family"], [0], 2.0, "one seed"),
         (["arithmetic", "family"], [0, 5], 2.0, "full seed set"),
         (["arithmetic", "family"], None, -1.0, "margin"),
+        (["arithmetic", "family"], None, float("nan"), "margin"),
     ],
 )
 def test_bad_input_is_refused(
