@@ -50,7 +50,9 @@ def _cell_name(entry: dict[str, Any]) -> str:
 
 
 def _units(entry: dict[str, Any]) -> str:
-    return "perplexity" if entry["metric"] == "perplexity" else "points"
+    """Points for a metric that :func:`metric_scale` shows x 100, else the metric's own name."""
+    scale, _ = metric_scale(entry)
+    return "points" if scale == 100.0 else entry["metric"]
 
 
 def _reading(entry: dict[str, Any], name: str, margin: float) -> dict[str, Any]:
