@@ -45,12 +45,11 @@ from typing import Any
 import numpy as np
 
 from experiments.aggregate import read_results
-from experiments.rate_check import add_reading_arguments, cell_checks, metric_scale
+from experiments.rate_check import MARGIN, add_reading_arguments, cell_checks, metric_scale
 
 __all__ = ["cell_ceilings", "markdown", "residual_spread", "shortfalls", "summary"]
 
 DEFAULT_LABEL = "fora-rlr0.0085-slr0.001"  # the library's default: A 8.5e-3 x RMS(W), B 1e-3
-MARGIN = 2.0
 DRAWS = 20_000
 
 

@@ -40,13 +40,15 @@ from stiefel_peft.cli.rate_search import final_loss
 from stiefel_peft.cli.training import WARMUP
 
 __all__ = [
+    "MARGIN",
     "add_reading_arguments",
     "cell_checks",
     "markdown",
     "metric_scale",
-    "paired_difference",
     "usual_runs",
 ]
+
+MARGIN = 2.0  # target 2's margin: within 2 points (perplexity points) of a cell's best
 
 
 def usual_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -84,7 +86,7 @@ def _others(untied: list[dict[str, Any]], seeds: tuple[int, ...]) -> dict[str, d
     }
 
 
-def paired_difference(
+def _paired(
     values: dict[int, float], best: dict[int, float], higher_is_better: bool
 ) -> dict[str, Any]:
     """The per-seed difference ``values - best``: its mean, 95 % interval and the seeds where
@@ -116,8 +118,9 @@ def cell_checks(
     ``others`` (label -> mean metric of each untied configuration run on the full seed set),
     ``best_any`` (the best of those and the full-set rates, a label or a rate written with
     ``:g``), ``shortfall_any`` (each of them -> shortfall from ``best_any``) and
-    ``paired_any`` (label -> its per-seed difference from ``best_any``: ``"mean"``,
-    ``"interval_95"`` and the seeds ``"for"`` and ``"against"`` it), and ``per_seed`` (each
+    ``paired_any`` (each configuration of ``per_seed``, ``best_any`` included -> its per-seed
+    difference from ``best_any``: ``"mean"``, ``"interval_95"`` and the seeds ``"for"`` and
+    ``"against"`` it), and ``per_seed`` (each
     configuration on the full seed set, a rate written with ``:g`` or a label -> seed ->
     metric); ``best_any`` is None when nothing ran on the whole set.
 
@@ -191,8 +194,8 @@ def cell_checks(
                 "others": {label: candidates[label] for label in others},
                 "per_seed": per_seed,
                 "paired_any": {
-                    label: paired_difference(others[label], per_seed[best_any], higher_is_better)
-                    for label in others
+                    name: _paired(values, per_seed[best_any], higher_is_better)
+                    for name, values in per_seed.items()
                 },
                 "best_any": best_any,
                 "shortfall_any": {

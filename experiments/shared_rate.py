@@ -33,16 +33,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments.aggregate import read_results
-from experiments.rate_check import (
-    add_reading_arguments,
-    cell_checks,
-    metric_scale,
-    paired_difference,
-)
+from experiments.rate_check import MARGIN, add_reading_arguments, cell_checks, metric_scale
 
-__all__ = ["MARGIN", "markdown", "shared_readings"]
-
-MARGIN = 2.0
+__all__ = ["markdown", "shared_readings"]
 
 
 def _cell_name(entry: dict[str, Any]) -> str:
@@ -61,16 +54,15 @@ def _reading(entry: dict[str, Any], name: str, margin: float) -> dict[str, Any]:
     the cell's best (``is_best``) and whether the interval lies wholly more than ``margin``
     short (``shown_short``)."""
     scale, _ = metric_scale(entry)
-    best = entry["best_any"]
-    higher_is_better = entry["higher_is_better"]
-    raw = paired_difference(entry["per_seed"][name], entry["per_seed"][best], higher_is_better)
+    raw = entry["paired_any"][name]
     low, high = (scale * bound for bound in raw["interval_95"])
-    nearest = -high if higher_is_better else low  # the interval's end nearest to no shortfall
+    nearest = -high if entry["higher_is_better"] else low  # the end nearest to no shortfall
+    is_best = name == entry["best_any"]
     return {
         "shortfall": scale * entry["shortfall_any"][name],
         "difference": raw | {"mean": scale * raw["mean"], "interval_95": [low, high]},
-        "is_best": name == best,
-        "shown_short": name != best and nearest > margin,
+        "is_best": is_best,
+        "shown_short": not is_best and nearest > margin,
     }
 
 
